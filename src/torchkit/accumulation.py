@@ -1,0 +1,392 @@
+"""Exact gradient accumulation: the one place where torchkit steps an optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import numbers
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.amp import GradScaler
+from torch.nn.parallel import DistributedDataParallel
+
+from torchkit._utils import check_keys
+from torchkit.clipping import _by_device_and_dtype, _check_norm_type, _unscale_once, clip_grad_norm
+
+__all__ = ["GradAccumulator"]
+
+_log = logging.getLogger(__name__)
+
+_STATE_KEYS = (
+    "micro_step",
+    "weight_sum",
+    "ref_size",
+    "weighted",
+    "num_steps",
+    "skipped_steps",
+    "grads",
+)
+
+
+class GradAccumulator:
+    """Accumulate gradients over ``steps`` micro-batches, then step the optimizer once.
+
+    Run each micro-batch's forward pass inside :meth:`accumulate` and hand its loss to
+    :meth:`backward`. At the end of each window of ``steps`` micro-batches (or on
+    :meth:`flush`, for a last partial window) ``backward`` does, in this order::
+
+        scaler.unscale_(optimizer)        # with a GradScaler
+        grads /= sum of micro-batch weights   # and check they are finite
+        clip_grad_norm(params, max_norm)  # with max_norm
+        optimizer.step()                  # skipped if a gradient is nan/inf
+        scaler.update()                   # with a GradScaler
+        optimizer.zero_grad(set_to_none=True)
+
+    **Exactness.** Pass each micro-batch's *mean* loss and its sample count as
+    ``batch_size``: the gradient the optimizer sees is then exactly the gradient of the
+    sample-weighted mean loss over the window, as if the window were one big batch —
+    also for a short last window and for micro-batches of different sizes (a plain
+    ``loss / steps`` is wrong for both). Without ``batch_size`` every micro-batch
+    weighs the same. Under DDP (pass the wrapped ``model``) gradients are all-reduced
+    once per window instead of once per micro-batch, and the weights are summed over
+    all ranks so the result is the global big-batch gradient.
+
+    A window whose gradients are not finite is not applied: it is counted in
+    :attr:`skipped_steps` and its gradients are dropped, never leaking into the next
+    window. Knowing this costs one host read per optimizer step (a GradScaler does the
+    same read anyway); ``skip_nonfinite=False`` avoids it when no scaler is used.
+
+    Args:
+        optimizer: The optimizer to step.
+        steps: Micro-batches per optimizer step (``1`` disables accumulation).
+        model: The DDP-wrapped model, so non-final micro-batches skip the gradient
+            all-reduce (``no_sync``). Any other module is accepted and ignored.
+        scaler: A :class:`torch.amp.GradScaler` for float16 mixed precision.
+        max_norm: Clip the total gradient norm to this value before stepping.
+        norm_type: The order of the norm used with ``max_norm``.
+        skip_nonfinite: Skip (and count) steps with nan/inf gradients when no enabled
+            scaler does so already.
+
+    Attributes:
+        num_steps: Windows completed (optimizer steps taken or skipped).
+        micro_step: Micro-batches accumulated in the pending window.
+        last_grad_norm: The total gradient norm before clipping at the latest window
+            (a tensor, only with ``max_norm``), for logging without a host read.
+
+    Raises:
+        TypeError: If ``optimizer``, ``model`` or ``scaler`` has the wrong type.
+        ValueError: If ``steps``, ``max_norm`` or ``norm_type`` is out of range.
+
+    Example:
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> accum = tk.GradAccumulator(opt, steps=2, max_norm=1.0)
+        >>> stepped = []
+        >>> for size in [8, 8, 8, 3]:          # the last window is short and uneven
+        ...     x, y = torch.randn(size, 4), torch.randn(size, 1)
+        ...     with accum.accumulate():
+        ...         loss = nn.functional.mse_loss(model(x), y)
+        ...     stepped.append(accum.backward(loss, batch_size=size))
+        >>> stepped
+        [False, True, False, True]
+        >>> accum.flush()  # nothing pending: no step
+        False
+        >>> accum.num_steps
+        2
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        *,
+        model: nn.Module | None = None,
+        scaler: GradScaler | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        errors = []
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        if scaler is not None and not isinstance(scaler, GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            errors.append(f"steps must be an int >= 1, got {steps!r}")
+        if max_norm is not None and not (isinstance(max_norm, numbers.Real) and max_norm > 0):
+            errors.append(f"max_norm must be a positive number or None, got {max_norm!r}")
+        try:
+            _check_norm_type(norm_type)
+        except (TypeError, ValueError) as error:
+            errors.append(str(error))
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.optimizer = optimizer
+        self.steps = steps
+        self.model = model
+        self.scaler = scaler
+        self.max_norm = max_norm
+        self.norm_type = float(norm_type)
+        self.skip_nonfinite = skip_nonfinite
+        self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self.num_steps = 0
+        self.micro_step = 0
+        self.last_grad_norm: torch.Tensor | None = None
+        self._skipped = 0
+        self._weight_sum = 0.0
+        self._ref_size: float | None = None  # weights are sample counts relative to this
+        self._weighted: bool | None = None  # whether this window's micro-batches gave sizes
+        self._forward_unsynced = False  # the latest forward ran under DDP no_sync
+        self._window_unsynced = False  # the latest backward was not all-reduced
+
+    @property
+    def skipped_steps(self) -> int:
+        """Windows whose gradients were nan/inf and so were not applied."""
+        return self._skipped
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """Run the forward pass of one micro-batch inside this context.
+
+        For a DDP ``model`` it disables the gradient all-reduce (``no_sync``) unless the
+        micro-batch closes the window. A short last window is all-reduced by
+        :meth:`flush` instead. Without DDP it does nothing.
+
+        Example:
+            >>> model = nn.Linear(2, 1)
+            >>> accum = tk.GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), 1)
+            >>> with accum.accumulate():
+            ...     loss = model(torch.ones(3, 2)).mean()
+            >>> accum.backward(loss)
+            True
+        """
+        if self._ddp is not None and self.micro_step + 1 < self.steps:
+            self._forward_unsynced = True
+            with self._ddp.no_sync():
+                yield
+        else:
+            self._forward_unsynced = False
+            yield
+
+    def backward(self, loss: torch.Tensor, batch_size: int | None = None) -> bool:
+        """Back-propagate one micro-batch's loss; step the optimizer if the window is full.
+
+        Args:
+            loss: The micro-batch's mean loss, a scalar tensor. Do not divide it by
+                ``steps``: the accumulator weighs and normalises it.
+            batch_size: The micro-batch's sample count, so uneven micro-batches weigh
+                in proportion. Give it for every micro-batch of a window or for none.
+
+        Returns:
+            ``True`` when this call ended a window and the optimizer stepped; ``False``
+            inside a window or when the step was skipped for nan/inf gradients.
+
+        Raises:
+            TypeError: If ``loss`` is not a tensor or ``batch_size`` not an int.
+            ValueError: If ``loss`` has more than one element, ``batch_size`` is not
+                positive, or a window mixes given and missing batch sizes.
+        """
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss must be a scalar (one element), got shape {tuple(loss.shape)}; "
+                "reduce it, e.g. loss.mean()"
+            )
+        weight = self._weight(batch_size)
+        if weight != 1.0:
+            loss = loss * weight
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+        self._window_unsynced = self._forward_unsynced
+        self._forward_unsynced = False
+        self.micro_step += 1
+        self._weight_sum += weight
+        if self.micro_step >= self.steps:
+            return self._boundary_step()
+        return False
+
+    def flush(self) -> bool:
+        """Step on a pending partial window (call it at the end of an epoch).
+
+        Returns:
+            ``True`` if a step was taken; ``False`` if nothing was pending or the step
+            was skipped for nan/inf gradients.
+        """
+        if self.micro_step == 0:
+            return False
+        return self._boundary_step()
+
+    def _weight(self, batch_size: int | None) -> float:
+        weighted = batch_size is not None
+        if self._weighted is not None and weighted != self._weighted:
+            raise ValueError(
+                "batch_size must be given for every micro-batch of a window or for none; "
+                f"this window {'had' if self._weighted else 'had no'} batch sizes and now "
+                f"got batch_size={batch_size!r}"
+            )
+        self._weighted = weighted
+        if batch_size is None:
+            return 1.0
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"batch_size must be an int or None, got {batch_size!r}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if self._ref_size is None:
+            self._ref_size = float(self._global_max(int(batch_size)))
+        return int(batch_size) / self._ref_size
+
+    def _global_max(self, value: int) -> int:
+        # Every rank must weigh relative to the same size, or DDP's average mixes scales.
+        if self._ddp is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _comm_device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [
+            p.grad for group in self.optimizer.param_groups for p in group["params"]
+            if p.grad is not None
+        ]
+
+    def _boundary_step(self) -> bool:
+        grads = self._grads()
+        if self._window_unsynced and grads:
+            self._all_reduce_mean(grads)
+        scaler_enabled = self.scaler is not None and self.scaler.is_enabled()
+        if scaler_enabled:
+            _unscale_once(self.scaler, self.optimizer)
+        check = scaler_enabled or self.skip_nonfinite
+        found_inf = self._normalise(grads, check=check)
+        if self.max_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            self.last_grad_norm = clip_grad_norm(params, self.max_norm, norm_type=self.norm_type)
+        # A GradScaler already reads its own found_inf in step(), so this read adds no sync.
+        skipped = check and found_inf is not None and bool(found_inf)
+        if self.scaler is not None and scaler_enabled:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            self._skipped += 1
+            _log.debug("skipped optimizer step %d: non-finite gradients", self.num_steps)
+        self.num_steps += 1
+        self.micro_step, self._weight_sum, self._weighted = 0, 0.0, None
+        self._window_unsynced = False
+        return not skipped
+
+    def _normalise(self, grads: list[torch.Tensor], *, check: bool) -> torch.Tensor | None:
+        """Divide by the summed weights and, if ``check``, return 1.0 if any grad is nan/inf."""
+        divisor: float | torch.Tensor = self._weight_sum
+        if self._ddp is not None and self._weighted:
+            # Ranks may have seen different sample counts: use the global sum. DDP already
+            # averaged over ranks, hence the extra world-size factor.
+            total = torch.tensor([self._weight_sum], device=self._comm_device())
+            dist.all_reduce(total)
+            divisor = total / dist.get_world_size()
+        if not grads or (not check and isinstance(divisor, float) and divisor == 1.0):
+            return None
+        found = []
+        for group in _by_device_and_dtype(grads):
+            device = group[0].device
+            inv = (1.0 / divisor).to(device) if isinstance(divisor, torch.Tensor) else None
+            if inv is None:
+                inv = torch.full((1,), 1.0 / divisor, dtype=torch.float32, device=device)
+            found.append(_unscale_and_check(group, inv.float()))
+        return torch.stack([f.to(found[0].device) for f in found]).amax()
+
+    def _all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
+        world = dist.get_world_size()
+        for group in _by_device_and_dtype(grads):
+            flat = torch._utils._flatten_dense_tensors(group)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for g, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+                g.copy_(synced)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the progress, including the position and gradients of a pending window.
+
+        The gradients of a partial window are included (as references, not copies) so a
+        checkpoint taken mid-window resumes exactly; at a window boundary they are
+        ``None``.
+        """
+        grads = None
+        if self.micro_step > 0:
+            grads = [
+                None if p.grad is None else p.grad.detach()
+                for group in self.optimizer.param_groups for p in group["params"]
+            ]
+        return {
+            "micro_step": self.micro_step,
+            "weight_sum": self._weight_sum,
+            "ref_size": self._ref_size,
+            "weighted": self._weighted,
+            "num_steps": self.num_steps,
+            "skipped_steps": self._skipped,
+            "grads": grads,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the progress returned by :meth:`state_dict`, gradients included."""
+        check_keys(state_dict, expected=_STATE_KEYS, owner=type(self).__name__)
+        grads = state_dict["grads"]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if grads is not None:
+            if len(grads) != len(params):
+                raise ValueError(
+                    f"the state holds gradients for {len(grads)} parameters but the optimizer "
+                    f"has {len(params)}; load it into an optimizer built the same way"
+                )
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is not None and g.shape != p.shape:
+                    raise ValueError(
+                        f"gradient {i} in the state has shape {tuple(g.shape)}, but the "
+                        f"optimizer's parameter {i} has shape {tuple(p.shape)}"
+                    )
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.detach().to(p.device, p.dtype, copy=True)
+        self.micro_step = state_dict["micro_step"]
+        self._weight_sum = state_dict["weight_sum"]
+        self._ref_size = state_dict["ref_size"]
+        self._weighted = state_dict["weighted"]
+        self.num_steps = state_dict["num_steps"]
+        self._skipped = state_dict["skipped_steps"]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.steps}, max_norm={self.max_norm}, "
+            f"num_steps={self.num_steps}, micro_step={self.micro_step})"
+        )
+
+
+def _unscale_and_check(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
+    """Multiply ``grads`` by ``inv_scale`` in place; return 1.0 if any is nan/inf, else 0.0."""
+    found_inf = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
+    fused = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+    if fused is not None and not any(g.is_sparse for g in grads):
+        # The fused kernel GradScaler uses: one pass both scales and checks.
+        fused(grads, found_inf, inv_scale)
+        return found_inf
+    for g in grads:
+        g.mul_(inv_scale.to(g.dtype))
+        values = g.coalesce().values() if g.is_sparse else g
+        found_inf += (~torch.isfinite(values)).any().float()
+    return found_inf.clamp_(max=1.0)
