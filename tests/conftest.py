@@ -14,6 +14,10 @@ settings.register_profile(
 )
 settings.load_profile("torchkit")
 
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine (CI runs
+# multi-process tests) OpenMP threads fighting for cores make each op ~50x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -146,6 +146,7 @@ class GradAccumulator:
         self._weighted: bool | None = None  # whether this window's micro-batches gave sizes
         self._forward_unsynced = False  # the latest forward ran under DDP no_sync
         self._window_unsynced = False  # the latest backward was not all-reduced
+        self._inverse_cache: dict[tuple[torch.device, float], torch.Tensor] = {}
 
     @property
     def skipped_steps(self) -> int:
@@ -206,7 +207,7 @@ class GradAccumulator:
             loss = loss * weight
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
-        loss.backward()
+        torch.autograd.backward(loss)
         self._window_unsynced = self._forward_unsynced
         self._forward_unsynced = False
         self.micro_step += 1
@@ -237,7 +238,9 @@ class GradAccumulator:
         self._weighted = weighted
         if batch_size is None:
             return 1.0
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        if type(batch_size) is not int and (  # the exact-type test is the hot path's
+            isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+        ):
             raise TypeError(f"batch_size must be an int or None, got {batch_size!r}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -303,23 +306,33 @@ class GradAccumulator:
             divisor = total / dist.get_world_size()
         if not grads or (not check and isinstance(divisor, float) and divisor == 1.0):
             return None
-        found = []
+        found: torch.Tensor | None = None
         for group in _by_device_and_dtype(grads):
-            device = group[0].device
-            inv = (1.0 / divisor).to(device) if isinstance(divisor, torch.Tensor) else None
-            if inv is None:
-                inv = torch.full((1,), 1.0 / divisor, dtype=torch.float32, device=device)
-            found.append(_unscale_and_check(group, inv.float()))
-        return torch.stack([f.to(found[0].device) for f in found]).amax()
+            f = _unscale_and_check(group, self._inverse(divisor, group[0].device))
+            found = f if found is None else torch.maximum(found, f.to(found.device))
+        return found
+
+    def _inverse(self, divisor: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+        if isinstance(divisor, torch.Tensor):
+            return (1.0 / divisor).to(device=device, dtype=torch.float32)
+        # A window's divisor takes few distinct values: keep their tensors, not remake them.
+        key = (device, divisor)
+        inv = self._inverse_cache.get(key)
+        if inv is None:
+            if len(self._inverse_cache) > 64:
+                self._inverse_cache.clear()
+            inv = torch.full((1,), 1.0 / divisor, dtype=torch.float32, device=device)
+            self._inverse_cache[key] = inv
+        return inv
 
     def _all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
         world = dist.get_world_size()
         for group in _by_device_and_dtype(grads):
-            flat = torch._utils._flatten_dense_tensors(group)
+            flat = torch.cat([g.reshape(-1) for g in group])  # one collective, not one each
             dist.all_reduce(flat)
             flat.div_(world)
-            for g, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
-                g.copy_(synced)
+            for g, synced in zip(group, torch.split(flat, [g.numel() for g in group])):
+                g.copy_(synced.view_as(g))
 
     def state_dict(self) -> dict[str, Any]:
         """Return the progress, including the position and gradients of a pending window.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch.amp import GradScaler
@@ -19,19 +20,29 @@ _EPS = 1e-6
 def _grads(parameters: Parameters) -> list[torch.Tensor]:
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    grads = []
-    for p in parameters:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"parameters must be tensors, got an item of type {type(p).__name__}")
-        if p.grad is not None:
-            grads.append(p.grad)
-    return grads
+    params = list(parameters)
+    try:
+        return [p.grad for p in params if p.grad is not None]
+    except AttributeError:
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"parameters must be tensors, got an item of type {type(p).__name__}"
+                ) from None
+        raise
+
+
+_torch_group: Any
+try:  # the C++ grouping torch's own clipping uses; much faster than a Python loop
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _torch_group
+except ImportError:  # pragma: no cover - depends on the torch version
+    _torch_group = None
 
 
 def _by_device_and_dtype(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    first = grads[0]
-    if all(g.device == first.device and g.dtype == first.dtype for g in grads):
-        return [grads]  # the common case, without torch's slower generic grouping
+    if _torch_group is not None:
+        grouped = _torch_group([list(grads)])
+        return [cast(list[torch.Tensor], tensors) for ((tensors,), _) in grouped.values()]
     groups: defaultdict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         groups[(g.device, g.dtype)].append(g)
@@ -70,20 +81,27 @@ def _unscale_once(scaler: GradScaler | None, optimizer: torch.optim.Optimizer | 
 
 
 def _total_norm(groups: list[list[torch.Tensor]], norm_type: float) -> torch.Tensor:
-    norms = []
-    for group in groups:
-        norms.extend(torch._foreach_norm(group, norm_type))
-    device = groups[0][0].device
-    stacked = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
-    return torch.linalg.vector_norm(stacked, norm_type)
+    if len(groups) == 1:
+        norms = torch.stack(torch._foreach_norm(groups[0], norm_type))
+        if norms.dtype not in (torch.float32, torch.float64):
+            norms = norms.float()  # half-precision norms would overflow or round
+    else:
+        device = groups[0][0].device
+        norms = torch.cat([
+            torch.stack(torch._foreach_norm(group, norm_type)).to(device, torch.float32)
+            for group in groups
+        ])
+    total: torch.Tensor = torch.linalg.vector_norm(norms, norm_type)
+    return total
 
 
 def grad_norm(parameters: Parameters, *, norm_type: float = 2.0) -> torch.Tensor:
     """Return the total norm of the gradients, as if they were one concatenated vector.
 
     Nothing is changed and nothing is synchronised with the host: the result stays a
-    0-d float32 tensor on the gradients' device, ready to be accumulated and logged
-    later. Parameters without a gradient are skipped; with none at all the norm is 0.
+    0-d tensor on the gradients' device (float32 unless all gradients are float64),
+    ready to be accumulated and logged later. Parameters without a gradient are
+    skipped; with none at all the norm is 0.
 
     Args:
         parameters: A tensor or an iterable of tensors (e.g. ``model.parameters()``).
@@ -216,9 +234,9 @@ def clip_grad_value(
 
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     # One "unit" is one output row (Linear) or one output filter (Conv): every dim but 0.
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+    dims = tuple(range(1, x.ndim)) if x.ndim > 1 else None
+    norm: torch.Tensor = torch.linalg.vector_norm(x, dim=dims, keepdim=x.ndim > 1)
+    return norm
 
 
 def clip_grad_adaptive(
@@ -270,7 +288,8 @@ def clip_grad_adaptive(
                 continue
             max_norm = _unitwise_norm(p.detach()).clamp(min=eps).mul(clip_factor)
             g_norm = _unitwise_norm(p.grad)
-            # Same 1e-6 guard as clip_grad_norm, so an all-zero gradient stays zero.
-            scale = torch.clamp(max_norm / (g_norm + _EPS), max=1.0)
+            # Units are small, so an additive epsilon would visibly bias them; clamping the
+            # denominator only guards all-zero gradients, which are then left unchanged.
+            scale = torch.clamp(max_norm / g_norm.clamp(min=_EPS), max=1.0)
             p.grad.mul_(scale.to(p.grad.dtype))
 
