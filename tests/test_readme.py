@@ -1,4 +1,4 @@
-"""The README's quickstart and contributor commands, and the how-to guide's code, really run."""
+"""The README's quickstart and contributor commands, and every how-to page's code, really run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-GUIDE = ROOT / "docs" / "guide" / "loop.rst"
+GUIDES = sorted((ROOT / "docs" / "guide").glob("*.rst"))
 CONTRIBUTOR_COMMANDS = ['pip install -c constraints.txt -e ".[dev]"', "pytest"]
 
 
@@ -55,10 +55,12 @@ def test_ci_runs_the_contributor_commands() -> None:
         assert command in ci_lines, f".ci/run does not run {command!r} as its own line"
 
 
-def test_guide_code_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    blocks = rst_python_blocks(GUIDE.read_text())
-    assert len(blocks) >= 3, "docs/guide/loop.rst lost its code blocks"
+@pytest.mark.parametrize("guide", GUIDES, ids=lambda p: p.name)
+def test_guide_code_runs(guide: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each how-to page's code blocks run, in order, as one script."""
+    blocks = rst_python_blocks(guide.read_text())
+    assert len(blocks) >= 3, f"{guide} lost its code blocks"
     namespace = {"__name__": "__guide__"}
     for number, block in enumerate(blocks):
-        exec(compile(block, f"{GUIDE}:block{number}", "exec"), namespace)
+        exec(compile(block, f"{guide}:block{number}", "exec"), namespace)
     assert capsys.readouterr().out

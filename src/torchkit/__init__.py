@@ -2,11 +2,21 @@
 
 from torchkit._version import __version__
 from torchkit.accumulation import GradAccumulator
+from torchkit.callbacks import Callback
+from torchkit.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    save_checkpoint,
+)
 from torchkit.clipping import clip_grad_adaptive, clip_grad_norm, clip_grad_value, grad_norm
 from torchkit.early_stopping import EarlyStopping
-from torchkit.state import Stateful
+from torchkit.state import Stateful, get_rng_state, seed_everything, set_rng_state
 
 __all__ = [
+    "Callback",
+    "CheckpointError",
+    "CheckpointManager",
     "EarlyStopping",
     "GradAccumulator",
     "Stateful",
@@ -14,5 +24,10 @@ __all__ = [
     "clip_grad_adaptive",
     "clip_grad_norm",
     "clip_grad_value",
+    "get_rng_state",
     "grad_norm",
+    "load_checkpoint",
+    "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
 ]
