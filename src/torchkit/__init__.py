@@ -11,7 +11,30 @@ from torchkit.checkpoint import (
 )
 from torchkit.clipping import clip_grad_adaptive, clip_grad_norm, clip_grad_value, grad_norm
 from torchkit.early_stopping import EarlyStopping
+from torchkit.pruning import PruningSchedule, prune, remove_pruning, restore_pruning, sparsity
+from torchkit.quantization import (
+    convert_qat,
+    model_size,
+    prepare_qat,
+    quantization_report,
+    quantize_dynamic,
+    quantize_static,
+)
 from torchkit.state import Stateful, get_rng_state, seed_everything, set_rng_state
+from torchkit.surgery import (
+    LayerSummary,
+    ModelSummary,
+    checkpoint_activations,
+    count_parameters,
+    find_head,
+    freeze,
+    insert_after,
+    insert_before,
+    replace_head,
+    summary,
+    trainable_parameters,
+    unfreeze,
+)
 
 __all__ = [
     "Callback",
@@ -19,15 +42,38 @@ __all__ = [
     "CheckpointManager",
     "EarlyStopping",
     "GradAccumulator",
+    "LayerSummary",
+    "ModelSummary",
+    "PruningSchedule",
     "Stateful",
     "__version__",
+    "checkpoint_activations",
     "clip_grad_adaptive",
     "clip_grad_norm",
     "clip_grad_value",
+    "convert_qat",
+    "count_parameters",
+    "find_head",
+    "freeze",
     "get_rng_state",
     "grad_norm",
+    "insert_after",
+    "insert_before",
     "load_checkpoint",
+    "model_size",
+    "prepare_qat",
+    "prune",
+    "quantization_report",
+    "quantize_dynamic",
+    "quantize_static",
+    "remove_pruning",
+    "replace_head",
+    "restore_pruning",
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",
+    "sparsity",
+    "summary",
+    "trainable_parameters",
+    "unfreeze",
 ]
