@@ -11,6 +11,9 @@ from torchkit.checkpoint import (
 )
 from torchkit.clipping import clip_grad_adaptive, clip_grad_norm, clip_grad_value, grad_norm
 from torchkit.early_stopping import EarlyStopping
+from torchkit.loggers import CSVLogger, Logger, TensorBoardLogger
+from torchkit.metrics import ConfusionMatrix, Metric, accuracy
+from torchkit.progress import ProgressBar
 from torchkit.pruning import PruningSchedule, prune, remove_pruning, restore_pruning, sparsity
 from torchkit.quantization import (
     convert_qat,
@@ -35,18 +38,28 @@ from torchkit.surgery import (
     trainable_parameters,
     unfreeze,
 )
+from torchkit.trainer import History, Trainer
 
 __all__ = [
+    "CSVLogger",
     "Callback",
     "CheckpointError",
     "CheckpointManager",
+    "ConfusionMatrix",
     "EarlyStopping",
     "GradAccumulator",
+    "History",
     "LayerSummary",
+    "Logger",
+    "Metric",
     "ModelSummary",
+    "ProgressBar",
     "PruningSchedule",
     "Stateful",
+    "TensorBoardLogger",
+    "Trainer",
     "__version__",
+    "accuracy",
     "checkpoint_activations",
     "clip_grad_adaptive",
     "clip_grad_norm",

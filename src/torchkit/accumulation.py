@@ -146,15 +146,14 @@ class GradAccumulator:
         self._weighted: bool | None = None  # whether this window's micro-batches gave sizes
         self._forward_unsynced = False  # the latest forward ran under DDP no_sync
         self._window_unsynced = False  # the latest backward was not all-reduced
-        self._inverse_cache: dict[tuple[torch.device, float], torch.Tensor] = {}
+        self._inverse_cache: dict[tuple[str, int | None, float], torch.Tensor] = {}
 
     @property
     def skipped_steps(self) -> int:
         """Windows whose gradients were nan/inf and so were not applied."""
         return self._skipped
 
-    @contextlib.contextmanager
-    def accumulate(self) -> Iterator[None]:
+    def accumulate(self) -> contextlib.AbstractContextManager[None]:
         """Run the forward pass of one micro-batch inside this context.
 
         For a DDP ``model`` it disables the gradient all-reduce (``no_sync``) unless the
@@ -169,9 +168,15 @@ class GradAccumulator:
             >>> accum.backward(loss)
             True
         """
-        if self._ddp is not None and self.micro_step + 1 < self.steps:
+        if self._ddp is None:
+            return _NOTHING  # the hot path of every non-DDP step: no generator to build
+        return self._ddp_accumulate(self._ddp)
+
+    @contextlib.contextmanager
+    def _ddp_accumulate(self, ddp: DistributedDataParallel) -> Iterator[None]:
+        if self.micro_step + 1 < self.steps:
             self._forward_unsynced = True
-            with self._ddp.no_sync():
+            with ddp.no_sync():
                 yield
         else:
             self._forward_unsynced = False
@@ -268,14 +273,16 @@ class GradAccumulator:
         ]
 
     def _boundary_step(self) -> bool:
-        grads = self._grads()
+        scaler_enabled = self.scaler is not None and self.scaler.is_enabled()
+        check = scaler_enabled or self.skip_nonfinite
+        needs_grads = check or self._window_unsynced or self._weight_sum != 1.0 or (
+            self._ddp is not None and self._weighted)
+        grads = self._grads() if needs_grads else []
         if self._window_unsynced and grads:
             self._all_reduce_mean(grads)
-        scaler_enabled = self.scaler is not None and self.scaler.is_enabled()
         if scaler_enabled:
             _unscale_once(self.scaler, self.optimizer)
-        check = scaler_enabled or self.skip_nonfinite
-        found_inf = self._normalise(grads, check=check)
+        found_inf = self._normalise(grads, check=check) if grads else None
         if self.max_norm is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             self.last_grad_norm = clip_grad_norm(params, self.max_norm, norm_type=self.norm_type)
@@ -307,7 +314,7 @@ class GradAccumulator:
         if not grads or (not check and isinstance(divisor, float) and divisor == 1.0):
             return None
         found: torch.Tensor | None = None
-        for group in _by_device_and_dtype(grads):
+        for group in _by_device(grads):
             f = _unscale_and_check(group, self._inverse(divisor, group[0].device))
             found = f if found is None else torch.maximum(found, f.to(found.device))
         return found
@@ -316,7 +323,7 @@ class GradAccumulator:
         if isinstance(divisor, torch.Tensor):
             return (1.0 / divisor).to(device=device, dtype=torch.float32)
         # A window's divisor takes few distinct values: keep their tensors, not remake them.
-        key = (device, divisor)
+        key = (device.type, device.index, divisor)
         inv = self._inverse_cache.get(key)
         if inv is None:
             if len(self._inverse_cache) > 64:
@@ -390,16 +397,30 @@ class GradAccumulator:
         )
 
 
+def _by_device(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    # The fused kernel takes mixed dtypes but one device; usually there is only one.
+    device = grads[0].device
+    if all(g.device == device for g in grads):
+        return [grads]
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device, []).append(g)
+    return list(groups.values())
+
+
 def _unscale_and_check(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
     """Multiply ``grads`` by ``inv_scale`` in place; return 1.0 if any is nan/inf, else 0.0."""
     found_inf = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
-    fused = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
-    if fused is not None and not any(g.is_sparse for g in grads):
+    if _FUSED is not None and not any(g.is_sparse for g in grads):
         # The fused kernel GradScaler uses: one pass both scales and checks.
-        fused(grads, found_inf, inv_scale)
+        _FUSED(grads, found_inf, inv_scale)
         return found_inf
     for g in grads:
         g.mul_(inv_scale.to(g.dtype))
         values = g.coalesce().values() if g.is_sparse else g
         found_inf += (~torch.isfinite(values)).any().float()
     return found_inf.clamp_(max=1.0)
+
+
+_FUSED = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
+_NOTHING = contextlib.nullcontext()

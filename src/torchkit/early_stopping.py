@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torchkit._utils import check_keys
+from torchkit.callbacks import Callback
 
 __all__ = ["EarlyStopping"]
 
@@ -20,7 +21,7 @@ _log = logging.getLogger(__name__)
 _STATE_KEYS = ("best", "best_step", "wait", "stopped", "reason", "num_steps", "best_weights")
 
 
-class EarlyStopping:
+class EarlyStopping(Callback):
     """Stop training once a monitored value has not improved for ``patience`` observations.
 
     Feed one observation per evaluation with :meth:`step`; it returns ``True`` when
@@ -31,6 +32,9 @@ class EarlyStopping:
     observations and training should stop once ``wait >= patience`` (so ``patience=0``
     stops at the first non-improvement). Each call decides afresh from that state: an
     improvement after a stop resets ``wait`` and the decision.
+
+    It is also a :class:`~torchkit.Callback`: in ``Trainer(callbacks=[...])`` it reads
+    ``monitor`` from each epoch's metrics and ends ``fit`` when it says to stop.
 
     Args:
         monitor: The name of the metric to watch (e.g. ``"val_loss"``); used by
@@ -175,6 +179,22 @@ class EarlyStopping:
             noun = "observation" if self.wait == 1 else "observations"
             return True, f"{self.monitor} did not improve for {self.wait} {noun}; {best}"
         return False, None
+
+    def on_epoch_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
+        """Feed the epoch's ``monitor`` value to :meth:`step`; stop ``trainer`` if it says so.
+
+        Raises:
+            KeyError: If the epoch's metrics have no ``monitor`` value.
+        """
+        if self.monitor not in metrics:
+            raise KeyError(
+                f"EarlyStopping monitors {self.monitor!r}, but the epoch's metrics are "
+                f"{sorted(metrics)}; pass val_data to fit() or choose another monitor"
+            )
+        model = trainer.model if self.restore_best else None
+        if self.step(metrics[self.monitor], model):
+            trainer.should_stop = True
+            trainer.stop_reason = self.reason
 
     def restore(self, model: nn.Module) -> nn.Module:
         """Load the weights kept at the best observation into ``model`` and return it.

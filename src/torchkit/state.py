@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import random
+import sys
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,10 +46,12 @@ class Stateful(Protocol):
         ...
 
 
-def _numpy() -> Any:
-    # numpy is optional and slow to import: only touch it if it is installed.
-    if importlib.util.find_spec("numpy") is None:
-        return None
+def _numpy(*, imported_only: bool = False) -> Any:
+    # numpy is optional and slow to import. Its generator can only have been used if
+    # numpy is imported, so capturing needs no import (nor the cost of looking for it).
+    module = sys.modules.get("numpy")
+    if module is not None or imported_only or importlib.util.find_spec("numpy") is None:
+        return module
     import numpy
 
     return numpy
@@ -103,13 +106,13 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> int:
 def get_rng_state() -> dict[str, Any]:
     """Capture the state of every random number generator torchkit knows.
 
-    Covers python's ``random``, numpy's global generator (if numpy is installed), torch's
+    Covers python's ``random``, numpy's global generator (if numpy is imported), torch's
     CPU generator and every CUDA device's. The result holds only plain types and
     tensors, so it can go into a checkpoint that loads with ``weights_only=True``.
 
     Returns:
-        A dict with keys ``"python"``, ``"torch"``, ``"cuda"`` and, with numpy,
-        ``"numpy"``.
+        A dict with keys ``"python"``, ``"torch"``, ``"cuda"`` and, once numpy has
+        been imported, ``"numpy"``.
 
     Example:
         >>> state = tk.get_rng_state()
@@ -123,7 +126,7 @@ def get_rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    np = _numpy()
+    np = _numpy(imported_only=True)
     if np is not None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = {

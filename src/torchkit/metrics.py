@@ -1,0 +1,474 @@
+"""Classification metrics computed on the device, without a host sync per batch.
+
+:func:`accuracy` scores one batch and returns a 0-d tensor on the outputs' device, so a
+loop can sum it across batches and read it once at log time. :class:`ConfusionMatrix`
+accumulates counts across batches on the device.
+
+**The metric protocol.** ``Trainer`` (and any hand-written loop) accepts, besides plain
+callables ``fn(outputs, targets) -> Tensor``, any object with these three methods —
+the protocol torchmetrics follows too, described by :class:`Metric`:
+
+- ``update(outputs, targets)``: add one batch; must not read values back to the host.
+- ``compute()``: the value over every batch since the last ``reset`` (may sync).
+- ``reset()``: forget every batch, ready for the next epoch.
+
+**Input shapes** (class dimension 1, as in :func:`torch.nn.functional.cross_entropy`):
+``outputs`` are scores (logits or probabilities) of shape ``(N, C)`` or
+``(N, C, d1, ...)``; ``targets`` are class indices of shape ``(N,)`` / ``(N, d1, ...)``
+(an integer tensor) or one-hot/soft labels of the same shape as ``outputs`` (reduced
+with ``argmax`` over dimension 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from torchkit._utils import check_keys, require
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["ConfusionMatrix", "Metric", "accuracy"]
+
+_log = logging.getLogger(__name__)
+
+_NORMALIZE = (None, "true", "pred", "all")
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """A stateful metric: ``update`` per batch, ``compute`` at log time, ``reset`` per epoch.
+
+    Any object with these methods qualifies (torchmetrics metrics do); torchkit's
+    :class:`ConfusionMatrix` is one.
+
+    Example:
+        >>> isinstance(tk.ConfusionMatrix(3), tk.Metric)
+        True
+        >>> isinstance(tk.accuracy, tk.Metric)  # a plain function is not stateful
+        False
+    """
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor, /) -> Any:
+        """Add one batch of model outputs and targets, staying on the device."""
+        ...
+
+    def compute(self) -> Any:
+        """Return the metric over every batch since the last :meth:`reset`."""
+        ...
+
+    def reset(self) -> Any:
+        """Forget every batch seen."""
+        ...
+
+
+def accuracy(
+    outputs: torch.Tensor, targets: torch.Tensor, *, top_k: int = 1, threshold: float = 0.0
+) -> torch.Tensor:
+    """Return the fraction of samples whose target is among the ``top_k`` highest scores.
+
+    Multi-class: ``outputs`` of shape ``(N, C, ...)`` with ``C >= 2`` and targets as
+    described in the module docs. Binary: ``outputs`` of shape ``(N, ...)`` or
+    ``(N, 1, ...)`` are logits, predicted positive when ``> threshold`` (use
+    ``threshold=0.5`` for probabilities); ``targets`` of shape ``(N, ...)`` or
+    ``(N, 1, ...)`` hold 0/1 labels (any value ``> 0.5`` counts as positive). With
+    ``(N, d1, ...)`` outputs every position counts as one sample.
+
+    The result stays on the outputs' device: nothing is read back to the host, so
+    calling it every batch costs no synchronisation. Target values are not
+    range-checked (that would need a host read): an index outside ``[0, C)`` simply
+    never matches.
+
+    Args:
+        outputs: Scores, logits or probabilities, class dimension 1.
+        targets: Class indices (integer tensor) or one-hot/soft labels.
+        top_k: How many of the highest-scoring classes may contain the target.
+        threshold: The decision threshold for binary outputs.
+
+    Returns:
+        A 0-d float32 tensor in ``[0, 1]`` on the device of ``outputs``.
+
+    Raises:
+        TypeError: If an argument is not a tensor, or index targets are not integers.
+        ValueError: If the shapes do not match, the batch is empty or ``top_k`` is out
+            of range.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 1.0, 0.1], [0.2, 0.3, 3.0], [1.0, 2.0, 0.0]])
+        >>> targets = torch.tensor([0, 1, 1])
+        >>> tk.accuracy(logits, targets)
+        tensor(0.6667)
+        >>> tk.accuracy(logits, targets, top_k=2)
+        tensor(1.)
+        >>> tk.accuracy(torch.tensor([1.5, -0.3, 0.2]), torch.tensor([1, 0, 0]))  # binary
+        tensor(0.6667)
+    """
+    _check_tensors(outputs, targets)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number, got {threshold!r}")
+    if outputs.numel() == 0:
+        raise ValueError(
+            f"accuracy of an empty batch is undefined: outputs has shape {tuple(outputs.shape)}"
+        )
+    if outputs.ndim == 1 or outputs.shape[1] == 1:
+        correct = _binary_correct(outputs, targets, top_k=top_k, threshold=float(threshold))
+    else:
+        classes = outputs.shape[1]
+        if top_k > classes:
+            raise ValueError(
+                f"top_k must be at most the number of classes ({classes}), got {top_k}"
+            )
+        indices = _target_indices(outputs, targets)
+        if top_k == 1:
+            correct = outputs.argmax(dim=1) == indices
+        else:
+            best = outputs.topk(top_k, dim=1).indices
+            correct = (best == indices.unsqueeze(1)).any(dim=1)
+    return correct.float().mean()
+
+
+def _check_tensors(outputs: object, targets: object) -> None:
+    bad = [
+        f"{name} must be a torch.Tensor, got {type(value).__name__}"
+        for name, value in (("outputs", outputs), ("targets", targets))
+        if not isinstance(value, torch.Tensor)
+    ]
+    if bad:
+        raise TypeError("; ".join(bad))
+
+
+def _binary_correct(
+    outputs: torch.Tensor, targets: torch.Tensor, *, top_k: int, threshold: float
+) -> torch.Tensor:
+    if top_k != 1:
+        raise ValueError(f"top_k must be 1 for binary outputs of shape "
+                         f"{tuple(outputs.shape)}, got {top_k}")
+    scores = outputs.squeeze(1) if outputs.ndim > 1 else outputs
+    labels = targets.squeeze(1) if targets.ndim > 1 and targets.shape[1] == 1 else targets
+    if labels.shape != scores.shape:
+        raise ValueError(
+            f"binary targets must have shape {tuple(scores.shape)} (or with a size-1 "
+            f"dimension 1) to match outputs of shape {tuple(outputs.shape)}, got "
+            f"{tuple(targets.shape)}"
+        )
+    return (scores > threshold) == (labels > 0.5)
+
+
+def _target_indices(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Class indices of shape ``outputs.shape`` without dimension 1."""
+    index_shape = outputs.shape[:1] + outputs.shape[2:]
+    if targets.shape == outputs.shape:
+        return targets.argmax(dim=1)
+    if targets.shape != index_shape:
+        raise ValueError(
+            f"targets must be class indices of shape {tuple(index_shape)} or one-hot/soft "
+            f"labels of shape {tuple(outputs.shape)} to match outputs of shape "
+            f"{tuple(outputs.shape)}, got {tuple(targets.shape)}"
+        )
+    if targets.is_floating_point() or targets.is_complex():
+        raise TypeError(
+            f"class index targets must be an integer tensor, got {targets.dtype}; "
+            "convert them with targets.long()"
+        )
+    return targets
+
+
+class ConfusionMatrix:
+    """Count (true class, predicted class) pairs across batches, on the device.
+
+    Rows are true classes and columns predicted classes: ``compute()[i, j]`` counts
+    samples of class ``i`` predicted as ``j``. :meth:`update` never reads back to the
+    host; an index outside ``[0, num_classes)`` (in targets or predictions) is counted
+    apart and makes :meth:`compute` raise, so such samples never vanish silently.
+
+    Args:
+        num_classes: The number of classes ``C`` (at least 2).
+        normalize: What :meth:`compute` divides the counts by: ``None`` (raw counts),
+            ``"true"`` (each row sums to 1: recall), ``"pred"`` (each column sums to 1:
+            precision) or ``"all"`` (the whole matrix sums to 1). Rows, columns or
+            matrices without samples stay 0.
+        device: Where to keep the counts; batches are moved there. ``None`` keeps them
+            on the device of the latest batch.
+
+    Attributes:
+        num_classes: ``C``.
+        normalize: The normalisation :meth:`compute` applies.
+
+    Raises:
+        TypeError: If ``num_classes`` is not an int.
+        ValueError: If ``num_classes < 2`` or ``normalize`` is unknown.
+
+    Example:
+        >>> cm = tk.ConfusionMatrix(3)
+        >>> cm.update(torch.tensor([[5.0, 1.0, 0.0], [0.0, 2.0, 9.0]]), torch.tensor([0, 1]))
+        >>> cm.update(torch.tensor([2, 2]), torch.tensor([2, 1]))  # predicted indices
+        >>> cm.compute()
+        tensor([[1, 0, 0],
+                [0, 0, 2],
+                [0, 0, 1]])
+        >>> cm.per_class_accuracy()
+        tensor([1., 0., 1.])
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        normalize: Literal["true", "pred", "all"] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"num_classes must be an int, got {num_classes!r}")
+        errors = []
+        if num_classes < 2:
+            errors.append(f"num_classes must be >= 2, got {num_classes}")
+        if normalize not in _NORMALIZE:
+            errors.append(f"normalize must be None, 'true', 'pred' or 'all', got {normalize!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.num_classes = num_classes
+        self.normalize = normalize
+        self._device = None if device is None else torch.device(device)
+        # C*C pair counts plus one last bin for out-of-range pairs (checked in compute).
+        self._counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.long,
+                                   device=self._device)
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add one batch: scores ``(N, C, ...)`` (argmax taken) or predicted indices.
+
+        Args:
+            outputs: Scores with class dimension 1, or integer predicted class indices
+                of the same shape as index ``targets``.
+            targets: Class indices (integer tensor) or one-hot/soft labels shaped like
+                score ``outputs``.
+
+        Raises:
+            TypeError: If an argument is not a tensor or indices are not integers.
+            ValueError: If the shapes do not match ``num_classes`` or each other.
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(2)
+            >>> cm.update(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]))
+            >>> cm.compute().tolist()
+            [[1, 1], [0, 1]]
+        """
+        preds, labels = self._pairs(outputs, targets)
+        device = labels.device if self._device is None else self._device
+        if self._counts.device != device:
+            self._counts = self._counts.to(device)
+        preds, labels = preds.reshape(-1).to(device), labels.reshape(-1).to(device)
+        c = self.num_classes
+        valid = (labels >= 0) & (labels < c) & (preds >= 0) & (preds < c)
+        # scatter_add_ (not bincount) because bincount reads its maximum back to the host.
+        index = torch.where(valid, labels.long() * c + preds.long(), c * c)
+        self._counts.scatter_add_(0, index, torch.ones_like(index))
+
+    def _pairs(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_tensors(outputs, targets)
+        if outputs.is_floating_point():
+            if outputs.ndim < 2 or outputs.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"score outputs must have shape (N, {self.num_classes}, ...) with the "
+                    f"classes in dimension 1, got {tuple(outputs.shape)}; pass integer "
+                    "predicted indices instead (e.g. (logits > 0).long() for binary)"
+                )
+            return outputs.argmax(dim=1), _target_indices(outputs, targets)
+        if outputs.is_complex() or targets.is_floating_point() or targets.is_complex():
+            raise TypeError(
+                f"predicted indices need integer targets of the same shape, got outputs "
+                f"{outputs.dtype} and targets {targets.dtype}; convert them with .long()"
+            )
+        if outputs.shape != targets.shape:
+            raise ValueError(
+                f"predicted indices and targets must have the same shape, got "
+                f"{tuple(outputs.shape)} and {tuple(targets.shape)}"
+            )
+        return outputs, targets
+
+    def counts(self) -> torch.Tensor:
+        """Return the raw ``(C, C)`` counts (a view), without the range check.
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(2)
+            >>> cm.update(torch.tensor([0, 5]), torch.tensor([0, 1]))  # 5 is out of range
+            >>> cm.counts().tolist()
+            [[1, 0], [0, 0]]
+        """
+        c = self.num_classes
+        return self._counts[: c * c].view(c, c)
+
+    def compute(self) -> torch.Tensor:
+        """Return the matrix, normalised as configured (reads one number to the host).
+
+        Returns:
+            A ``(C, C)`` tensor on the counts' device: int64 counts, or float32 with
+            ``normalize`` set.
+
+        Raises:
+            ValueError: If some batch had an index outside ``[0, num_classes)``.
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(2, normalize="true")
+            >>> cm.update(torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 0, 0]))
+            >>> cm.compute()
+            tensor([[0.6667, 0.3333],
+                    [0.0000, 1.0000]])
+        """
+        counts = self._checked_counts()
+        if self.normalize is None:
+            return counts.clone()
+        total = counts.float()
+        if self.normalize == "true":
+            denominator = total.sum(dim=1, keepdim=True)
+        elif self.normalize == "pred":
+            denominator = total.sum(dim=0, keepdim=True)
+        else:
+            denominator = total.sum()
+        return total / denominator.clamp(min=1)
+
+    def per_class_accuracy(self) -> torch.Tensor:
+        """Return each class's recall (diagonal over row sums); ``nan`` for absent classes.
+
+        Raises:
+            ValueError: If some batch had an out-of-range index (as :meth:`compute`).
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(3)
+            >>> cm.update(torch.tensor([0, 1, 0]), torch.tensor([0, 1, 1]))
+            >>> cm.per_class_accuracy()
+            tensor([1.0000, 0.5000,    nan])
+        """
+        counts = self._checked_counts().float()
+        return counts.diagonal() / counts.sum(dim=1)
+
+    def _checked_counts(self) -> torch.Tensor:
+        invalid = int(self._counts[-1])
+        if invalid:
+            raise ValueError(
+                f"{invalid} sample(s) had a target or predicted index outside "
+                f"[0, {self.num_classes}); check num_classes and the labels (an "
+                "ignore_index such as -100 or 255 must be filtered out), then reset()"
+            )
+        return self.counts()
+
+    def reset(self) -> None:
+        """Zero every count.
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(2)
+            >>> cm.update(torch.tensor([1]), torch.tensor([1]))
+            >>> cm.reset()
+            >>> int(cm.compute().sum())
+            0
+        """
+        self._counts.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the counts: ``{"counts": (C, C) int64, "num_invalid": 0-d int64}``."""
+        c = self.num_classes
+        return {"counts": self.counts().clone(), "num_invalid": self._counts[c * c].clone()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore counts returned by :meth:`state_dict` (onto this matrix's device).
+
+        Raises:
+            KeyError: If keys are missing or unexpected.
+            ValueError: If the counts are not a ``(C, C)`` tensor for this matrix's ``C``.
+        """
+        check_keys(state_dict, expected=("counts", "num_invalid"), owner=type(self).__name__)
+        counts, invalid = state_dict["counts"], state_dict["num_invalid"]
+        c = self.num_classes
+        if not isinstance(counts, torch.Tensor) or counts.shape != (c, c):
+            got = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts)
+            raise ValueError(
+                f"ConfusionMatrix.load_state_dict expects counts of shape ({c}, {c}) for "
+                f"num_classes={c}, got {got}; build the matrix with the saved num_classes"
+            )
+        flat = torch.cat([counts.reshape(-1), torch.as_tensor(invalid).reshape(1)])
+        self._counts = flat.to(self._counts.device, torch.long)
+
+    def plot(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+        ax: Axes | None = None,
+    ) -> Figure:
+        """Draw the matrix as an annotated heat map (needs the ``plot`` extra).
+
+        Uses :class:`matplotlib.figure.Figure` directly, not pyplot, so it works
+        headless and leaves no global figure open.
+
+        Args:
+            path: Save the figure there (format from the suffix, e.g. ``.png``).
+            class_names: Tick labels, one per class (default: the indices).
+            ax: Draw into these axes instead of a new figure.
+
+        Returns:
+            The figure drawn into.
+
+        Raises:
+            ImportError: If matplotlib is not installed.
+            ValueError: If ``class_names`` does not have ``num_classes`` entries (and
+                as :meth:`compute`).
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(2, normalize="true")
+            >>> cm.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+            >>> fig = cm.plot(class_names=["cat", "dog"])
+            >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+            ['cat', 'dog']
+        """
+        names = [str(i) for i in range(self.num_classes)] if class_names is None else list(
+            class_names)
+        if len(names) != self.num_classes:
+            raise ValueError(
+                f"class_names must have num_classes={self.num_classes} entries, got "
+                f"{len(names)}"
+            )
+        matrix = self.compute().cpu()
+        if ax is None:
+            figure_module = require("matplotlib.figure", extra="plot")
+            size = 2.0 + 0.5 * self.num_classes
+            fig: Figure = figure_module.Figure(figsize=(size, size), layout="constrained")
+            ax = fig.add_subplot()
+        else:
+            fig = ax.figure.figure  # the root figure, also when ax is in a SubFigure
+        _draw(ax, matrix, names, normalized=self.normalize is not None)
+        if path is not None:
+            fig.savefig(os.fspath(path))
+            _log.info("saved confusion matrix plot to %s", path)
+        return fig
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_classes={self.num_classes}, "
+            f"normalize={self.normalize!r}, device={self._counts.device})"
+        )
+
+
+def _draw(ax: Axes, matrix: torch.Tensor, names: list[str], *, normalized: bool) -> None:
+    values = matrix.tolist()
+    image = ax.imshow(values, cmap="Blues", vmin=0)
+    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    peak = float(matrix.max()) if matrix.numel() else 0.0
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            text = f"{value:.2f}" if normalized else str(value)
+            color = "white" if peak and value > peak / 2 else "black"
+            ax.text(j, i, text, ha="center", va="center", color=color)
+    ax.figure.colorbar(image, ax=ax)
