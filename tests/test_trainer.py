@@ -395,3 +395,35 @@ def test_progress_bar_shows_loss_and_metrics(capfd):
     assert "val_loss=" in err and "train_loss=" in err
     linear_trainer(progress=False).fit(data, data, epochs=1)
     assert capfd.readouterr().err == ""
+
+
+def test_plateau_with_step_interval_is_only_stepped_per_evaluation():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    trainer = tk.Trainer(model, opt, F.mse_loss, scheduler=sched, scheduler_interval="step",
+                         progress=False)
+    opt.param_groups[0]["lr"] = 0.0
+    data = DataLoader(regression_data(16), batch_size=4)
+    trainer.fit(data, data, epochs=1)  # 4 optimizer steps, one evaluation
+    assert sched.num_bad_epochs == 0 and sched.best < math.inf
+
+
+def test_a_signal_during_validation_stops_after_the_epoch_is_saved(tmp_path):
+    import os
+    import signal
+
+    class SignalDuringValidation(tk.Callback):
+        def on_validation_end(self, trainer, metrics):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    data = DataLoader(regression_data(16), batch_size=4)
+    manager = tk.CheckpointManager(tmp_path)
+    trainer = linear_trainer(callbacks=[SignalDuringValidation()], checkpoint=manager)
+    with pytest.raises(SystemExit) as info:
+        trainer.fit(data, data, epochs=3)
+    assert info.value.code == 128 + signal.SIGTERM
+    state = torch.load(manager.latest(), weights_only=True)["state"]["trainer"]
+    assert (state["epoch"], state["batch_idx"]) == (1, 0)  # the finished epoch, saved once
+    assert len(manager.checkpoints()) == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

@@ -343,6 +343,8 @@ class Trainer:
         self.batch_idx = 0
         if self.checkpoint is not None:
             self._save(metrics)
+        if self._signal is not None:  # it came during validation: the epoch is saved
+            self._stop_on_signal(save=False)
 
     def _train_batch(self, batch: Any) -> None:
         # The hot path: every line here runs once per batch, so hooks nobody overrides
@@ -407,7 +409,8 @@ class Trainer:
             self._window_loss().zero_()
         elif time.monotonic() >= self._next_check:
             self._check_finite()
-        if stepped and self.scheduler is not None and self.scheduler_interval == "step":
+        if stepped and self.scheduler_interval == "step" and self.scheduler is not None \
+                and not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         every = self.checkpoint_every
         if self.checkpoint is not None and every and self.global_step % every == 0:
@@ -673,9 +676,9 @@ class Trainer:
             for s, old in previous.items():
                 signal.signal(s, old)
 
-    def _stop_on_signal(self) -> None:
+    def _stop_on_signal(self, *, save: bool = True) -> None:
         signum, self._signal = self._signal, None
-        if self.checkpoint is not None:
+        if save and self.checkpoint is not None:
             self._save(None)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
