@@ -220,3 +220,11 @@ def test_bad_step(tmp_path):
     for step in (-1, 1.5, None):
         with pytest.raises(ValueError, match="step must be an int >= 0"):
             manager.save({}, step=step)
+
+
+def test_refresh_sees_what_another_manager_wrote(tmp_path):
+    reader = tk.CheckpointManager(tmp_path)
+    tk.CheckpointManager(tmp_path).save({"v": 1}, step=3)
+    assert reader.latest() is None
+    reader.refresh()
+    assert reader.latest().name == ckpt(3)

@@ -10,6 +10,15 @@ from torchkit.checkpoint import (
     save_checkpoint,
 )
 from torchkit.clipping import clip_grad_adaptive, clip_grad_norm, clip_grad_value, grad_norm
+from torchkit.distributed import (
+    LaunchError,
+    all_reduce_mean,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    launch,
+)
 from torchkit.early_stopping import EarlyStopping
 from torchkit.loggers import CSVLogger, Logger, TensorBoardLogger
 from torchkit.metrics import ConfusionMatrix, Metric, accuracy
@@ -49,6 +58,7 @@ __all__ = [
     "EarlyStopping",
     "GradAccumulator",
     "History",
+    "LaunchError",
     "LayerSummary",
     "Logger",
     "Metric",
@@ -60,6 +70,8 @@ __all__ = [
     "Trainer",
     "__version__",
     "accuracy",
+    "all_reduce_mean",
+    "barrier",
     "checkpoint_activations",
     "clip_grad_adaptive",
     "clip_grad_norm",
@@ -68,10 +80,14 @@ __all__ = [
     "count_parameters",
     "find_head",
     "freeze",
+    "get_rank",
     "get_rng_state",
+    "get_world_size",
     "grad_norm",
     "insert_after",
     "insert_before",
+    "is_main_process",
+    "launch",
     "load_checkpoint",
     "model_size",
     "prepare_qat",

@@ -70,6 +70,11 @@ class GradAccumulator:
         norm_type: The order of the norm used with ``max_norm``.
         skip_nonfinite: Skip (and count) steps with nan/inf gradients when no enabled
             scaler does so already.
+        global_weights: Under DDP with ``batch_size`` given, sum the micro-batch weights
+            over all ranks (one small all-reduce per optimizer step), so ranks that see
+            different sample counts still give the exact global gradient. Turn it off
+            when every rank always sees the same count per micro-batch, as with a
+            ``DistributedSampler`` (``Trainer`` does so for the loaders it shards).
 
     Attributes:
         num_steps: Windows completed (optimizer steps taken or skipped).
@@ -111,6 +116,7 @@ class GradAccumulator:
         max_norm: float | None = None,
         norm_type: float = 2.0,
         skip_nonfinite: bool = True,
+        global_weights: bool = True,
     ) -> None:
         errors = []
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -136,6 +142,7 @@ class GradAccumulator:
         self.max_norm = max_norm
         self.norm_type = float(norm_type)
         self.skip_nonfinite = skip_nonfinite
+        self.global_weights = global_weights
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
         self.num_steps = 0
         self.micro_step = 0
@@ -276,7 +283,7 @@ class GradAccumulator:
         scaler_enabled = self.scaler is not None and self.scaler.is_enabled()
         check = scaler_enabled or self.skip_nonfinite
         needs_grads = check or self._window_unsynced or self._weight_sum != 1.0 or (
-            self._ddp is not None and self._weighted)
+            self._ddp is not None and self._weighted and self.global_weights)
         grads = self._grads() if needs_grads else []
         if self._window_unsynced and grads:
             self._all_reduce_mean(grads)
@@ -305,7 +312,7 @@ class GradAccumulator:
     def _normalise(self, grads: list[torch.Tensor], *, check: bool) -> torch.Tensor | None:
         """Divide by the summed weights and, if ``check``, return 1.0 if any grad is nan/inf."""
         divisor: float | torch.Tensor = self._weight_sum
-        if self._ddp is not None and self._weighted:
+        if self._ddp is not None and self._weighted and self.global_weights:
             # Ranks may have seen different sample counts: use the global sum. DDP already
             # averaged over ranks, hence the extra world-size factor.
             total = torch.tensor([self._weight_sum], device=self._comm_device())

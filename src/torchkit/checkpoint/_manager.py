@@ -154,6 +154,14 @@ class CheckpointManager:
         _log.info("saved checkpoint %s", path)
         return path
 
+    def refresh(self) -> None:
+        """Look at the directory again: pick up checkpoints another process wrote.
+
+        Under DDP only rank 0 writes; the other ranks' managers call this (``Trainer``
+        does, before resuming) to see the same checkpoints.
+        """
+        self._entries = self._scan()
+
     def checkpoints(self) -> list[Path]:
         """Return the paths of the checkpoints on disk, oldest step first."""
         return [self.directory / name for name in self._by_step()]

@@ -6,13 +6,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from torchkit.callbacks import Callback
 from torchkit.checkpoint import CheckpointManager
+from torchkit.distributed import is_main_process
 
-__all__: list[str] = []
+__all__ = ["is_main_process"]
 
 HOOKS = ("on_fit_start", "on_fit_end", "on_epoch_start", "on_epoch_end",
          "on_train_batch_start", "on_train_batch_end", "on_validation_end",
@@ -103,6 +103,3 @@ def overrides(callback: Any, hook: str) -> bool:
     return not isinstance(callback, Callback) or method is not getattr(Callback, hook)
 
 
-def is_main_process() -> bool:
-    """Rank 0, or no process group at all."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -19,8 +19,10 @@ from torchkit._utils import check_keys
 from torchkit.accumulation import GradAccumulator
 from torchkit.callbacks import Callback
 from torchkit.checkpoint import CheckpointManager, load_checkpoint
+from torchkit.checkpoint._files import unwrap
 from torchkit.progress import ProgressBar
 from torchkit.state import get_rng_state, seed_everything, set_rng_state
+from torchkit.trainer import _distributed as ddp
 from torchkit.trainer._history import History
 from torchkit.trainer._setup import (
     HOOKS,
@@ -38,10 +40,11 @@ _log = logging.getLogger("torchkit.trainer")
 
 _CHECK_INTERVAL_S = 1.0
 _FOLD_EVERY = 64
+_SYNC_EVERY = 64  # under DDP, ranks share nan losses and signals every this many steps
 _NOTHING = contextlib.nullcontext()
 
 _STATE_KEYS = ("epoch", "batch_idx", "should_stop", "stop_reason", "epoch_rng", "epoch_loss",
-               "epoch_count", "history", "callbacks", "logger")
+               "epoch_count", "history", "callbacks", "logger", "rank_rngs")
 
 
 class Trainer:
@@ -53,6 +56,12 @@ class Trainer:
     :class:`~torchkit.EarlyStopping` callback. Anything it does, you can do by hand with
     the same pieces; to change one step, subclass and override :meth:`train_step`,
     :meth:`eval_step` or :meth:`predict_step`.
+
+    Under an initialised process group (``tk.launch``, torchrun) it wraps the model in
+    DDP, gives each rank its share of a DataLoader (a ``DistributedSampler`` for
+    training, ``set_epoch`` each epoch; an unpadded stride for evaluation), reduces the
+    loss and metrics over ranks, logs, shows progress and writes checkpoints on rank 0
+    only, and makes every rank stop together (early stopping, signals, nan losses).
 
     A batch is ``(inputs, targets)`` or a dict with ``"inputs"`` and ``"targets"``; the
     default step computes ``loss_fn(model(inputs), targets)``. Losses are averaged over
@@ -85,7 +94,9 @@ class Trainer:
             saved after each epoch, every ``checkpoint_every`` optimizer steps, and on
             SIGTERM/SIGINT.
         checkpoint_every: Also save every this many optimizer steps.
-        seed: Call :func:`~torchkit.seed_everything` with it first.
+        seed: Call :func:`~torchkit.seed_everything` with it first (the model already
+            exists by then: for reproducible initial weights, call it yourself before
+            building the model). Also seeds the DistributedSampler's shuffle under DDP.
         scheduler_interval: Step the scheduler per ``"epoch"`` or per optimizer
             ``"step"``.
         scheduler_monitor: The metric ``ReduceLROnPlateau`` watches.
@@ -161,7 +172,13 @@ class Trainer:
                 f"precision='16' needs a CUDA device (float16 with a GradScaler), but the "
                 f"device is {self.device}; use precision='bf16' on CPU"
             )
-        self.model = model.to(self.device)
+        model = model.to(self.device)
+        if ddp.world_size() > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self.seed = seed
+        self._world = ddp.world_size()
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.scheduler = scheduler
@@ -193,9 +210,16 @@ class Trainer:
         self._epoch_loss = torch.zeros((), dtype=self._sum_dtype, device=self.device)
         self._epoch_count = 0
         self._signal: int | None = None
+        self._rank_rngs: list[Any] | None = None
+        self._signal_shared = False
         self._pending: list[tuple[torch.Tensor, int, int, int]] = []
         self._unchecked: list[tuple[torch.Tensor, int, int, int]] = []
         self._next_check = 0.0
+
+    @property
+    def module(self) -> nn.Module:
+        """The model without its DDP / ``torch.compile`` wrapper (what evaluation runs)."""
+        return unwrap(self.model)
 
     @property
     def global_step(self) -> int:
@@ -214,21 +238,25 @@ class Trainer:
         return self._default_step(batch)["loss"]  # type: ignore[no-any-return]
 
     def eval_step(self, batch: Any) -> torch.Tensor | Mapping[str, Any]:
-        """Compute one evaluation batch's loss and outputs; same return as :meth:`train_step`."""
-        return self._default_step(batch)
+        """Compute one evaluation batch's loss and outputs; same return as :meth:`train_step`.
+
+        Under DDP, run ``self.module`` (as the default does), not the DDP wrapper: ranks
+        may see different numbers of batches, and DDP's forward talks to the others.
+        """
+        return self._default_step(batch, self.module)
 
     def predict_step(self, batch: Any) -> torch.Tensor:
         """Return the model's outputs for one batch (its inputs, or the whole batch)."""
-        return self.model(batch_inputs(batch))  # type: ignore[no-any-return]
+        return self.module(batch_inputs(batch))  # type: ignore[no-any-return]
 
-    def _default_step(self, batch: Any) -> dict[str, Any]:
+    def _default_step(self, batch: Any, model: nn.Module | None = None) -> dict[str, Any]:
         if self.loss_fn is None:
             raise TypeError(
                 "Trainer(loss_fn=None) cannot run the default step: pass loss_fn, or "
                 "subclass Trainer and override train_step/eval_step"
             )
         inputs, targets = split_batch(batch)
-        outputs = self.model(inputs)
+        outputs = (model or self.model)(inputs)
         return {"loss": self.loss_fn(outputs, targets), "outputs": outputs, "targets": targets}
 
     # -- fit -----------------------------------------------------------------------------
@@ -281,6 +309,13 @@ class Trainer:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
         resume_rng = self._resume(resume) if resume is not None else None
+        seed = 0 if self.seed is None else self.seed
+        sharded = ddp.shard(train_data, train=True, seed=seed)
+        # A DistributedSampler gives every rank the same count per batch: the weights
+        # need no all-reduce of their own.
+        self.accumulator.global_weights = sharded is train_data
+        train_data = sharded
+        val_data = ddp.shard(val_data, train=False, seed=seed)
         self._graph_pending = self.logger is not None and is_main_process() and \
             callable(getattr(self.logger, "log_graph", None))
         self._call("on_fit_start")
@@ -318,6 +353,7 @@ class Trainer:
         total = len(train_data) if isinstance(train_data, Sized) else None
         with ProgressBar(total, desc=f"epoch {self.epoch + 1}/{epochs}",
                          enabled=self.progress and is_main_process()) as bar:
+            ddp.set_epoch(train_data, self.epoch)
             iterator = iter(train_data)
             for _ in range(start):
                 next(iterator)  # consumed before the crash: same order, not trained again
@@ -339,6 +375,13 @@ class Trainer:
         if self.logger is not None and is_main_process():
             self.logger.log_metrics(metrics, step=self.epoch)
         self._call("on_epoch_end", metrics)
+        if self._world > 1:  # every rank stops together, whoever decided
+            stop_any, signal_any = ddp.any_ranks([self.should_stop, self._signal is not None],
+                                                 self.device)
+            if stop_any and not self.should_stop:
+                self.should_stop, self.stop_reason = True, "another rank decided to stop"
+            if signal_any:
+                self._signal, self._signal_shared = self._signal or signal.SIGTERM, True
         self.epoch += 1
         self.batch_idx = 0
         if self.checkpoint is not None:
@@ -407,7 +450,10 @@ class Trainer:
                 self._epoch_count -= size
                 self._on_skipped()
             self._window_loss().zero_()
-        elif time.monotonic() >= self._next_check:
+        if self._world > 1:
+            if self.global_step % _SYNC_EVERY == 0:
+                self._check_finite()  # at fixed steps, so ranks agree; shares signals too
+        elif self.nonfinite == "raise" and time.monotonic() >= self._next_check:
             self._check_finite()
         if stepped and self.scheduler_interval == "step" and self.scheduler is not None \
                 and not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -415,7 +461,7 @@ class Trainer:
         every = self.checkpoint_every
         if self.checkpoint is not None and every and self.global_step % every == 0:
             self._save(None)
-        if self._signal is not None:
+        if self._signal is not None and (self._world == 1 or self._signal_shared):
             self._stop_on_signal()
 
     def _fold(self) -> None:
@@ -437,11 +483,20 @@ class Trainer:
         """
         self._next_check = time.monotonic() + _CHECK_INTERVAL_S
         entries, self._unchecked = self._unchecked + self._pending, []
-        if not entries:
+        finite = torch.isfinite(torch.stack([e[0] for e in entries])) if entries else None
+        bad_here = finite is not None and not bool(finite.all())
+        if self._world > 1:  # one collective shares both a nan loss and a pending signal
+            bad_any, signal_any = ddp.any_ranks([bad_here, self._signal is not None],
+                                                self.device)
+            if signal_any:
+                self._signal, self._signal_shared = self._signal or signal.SIGTERM, True
+        else:
+            bad_any = bad_here
+        if not bad_any:
             return
-        finite = torch.isfinite(torch.stack([e[0] for e in entries]))
-        if bool(finite.all()):
-            return
+        if finite is None or not bad_here:
+            raise FloatingPointError(f"the loss became nan/inf on another rank in epoch "
+                                     f"{self.epoch}; see that rank's error")
         _, _, batch_idx, step = entries[int(torch.nonzero(~finite)[0])]
         raise FloatingPointError(
             f"the loss became nan/inf at epoch {self.epoch}, batch {batch_idx}, optimizer "
@@ -466,8 +521,12 @@ class Trainer:
 
     def _epoch_metrics(self, val_data: Iterable[Any] | None, lr: float) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if self._epoch_count:
-            metrics["train_loss"] = float(self._epoch_loss) / self._epoch_count
+        totals = ddp.all_reduce_sum(torch.stack([
+            self._epoch_loss.detach().clone(),
+            torch.tensor(float(self._epoch_count), dtype=self._sum_dtype, device=self.device),
+        ]))  # over all ranks' samples (DistributedSampler's padding included, as trained)
+        if totals[1] > 0:
+            metrics["train_loss"] = float(totals[0] / totals[1])
         if val_data is not None:
             val = self.evaluate(val_data)
             metrics.update(val)
@@ -501,7 +560,13 @@ class Trainer:
 
         Raises:
             ValueError: If ``data`` has no samples.
+
+        Under a process group every rank evaluates its share of a DataLoader (each sample
+        exactly once, no padding) and the sums are reduced, so the results equal a single
+        process's; objects with ``update/compute/reset`` see only their rank's share
+        unless they synchronise themselves (as torchmetrics does).
         """
+        data = ddp.shard(data, train=False, seed=0)
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), dtype=self._sum_dtype, device=self.device)
@@ -524,11 +589,19 @@ class Trainer:
                 count += size
         finally:
             self.model.train(was_training)
+        names = list(sums)
+        totals = ddp.all_reduce_sum(torch.stack([
+            loss_sum, torch.tensor(float(count), dtype=loss_sum.dtype, device=self.device),
+            torch.tensor(float(has_loss), dtype=loss_sum.dtype, device=self.device),
+            *[sums[name] for name in names],
+        ])).tolist()
+        count, has_loss = int(totals[1]), totals[2] > 0
         if count == 0:
             raise ValueError("evaluate() got no samples: the data is empty")
-        results = {f"{prefix}_loss": float(loss_sum) / count} if has_loss else {}
+        reduced = dict(zip(names, totals[3:]))
+        results = {f"{prefix}_loss": totals[0] / count} if has_loss else {}
         for name, metric in self.metrics.items():
-            value = float(sums[name]) / count if name in sums else metric.compute()
+            value = reduced[name] / count if name in reduced else metric.compute()
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
             if isinstance(value, int | float):
@@ -629,12 +702,16 @@ class Trainer:
     def _save(self, metrics: Mapping[str, float] | None) -> None:
         if self.checkpoint is None:
             return
+        self._fold()  # on every rank, so the saved sums are complete
         if self.nonfinite == "raise":
             self._check_finite()  # never save weights that a nan step has already ruined
         state = self._checkpoint_state()
         self._call("on_checkpoint_save", state)
+        # Every rank's RNG, so each continues its own stream after a resume.
+        self._rank_rngs = ddp.gather((get_rng_state(), self._epoch_rng))
         if is_main_process():
             self.checkpoint.save(state, step=self.global_step, epoch=self.epoch, metrics=metrics)
+        ddp.barrier()  # no rank goes on (or reads it) before the file is complete
 
     def _resume(self, resume: str | Path) -> dict[str, Any] | None:
         state = self._checkpoint_state()
@@ -644,6 +721,7 @@ class Trainer:
                     f"resume={resume!r} needs Trainer(checkpoint=CheckpointManager(...)); "
                     "or pass the path of a checkpoint file"
                 )
+            self.checkpoint.refresh()  # under DDP only rank 0 saved: see what it wrote
             if self.checkpoint.latest() is None:
                 _log.info("no checkpoint in %s yet: starting from scratch",
                           self.checkpoint.directory)
@@ -653,6 +731,9 @@ class Trainer:
             meta = load_checkpoint(resume, state, restore_rng=True)
         _log.info("resumed from %s (epoch %d, step %d)", meta["path"], self.epoch,
                   self.global_step)
+        if self._rank_rngs is not None and len(self._rank_rngs) == self._world:
+            rng, self._epoch_rng = self._rank_rngs[ddp.rank()]
+            set_rng_state(rng)
         self._call("on_checkpoint_load", meta)
         return get_rng_state() if self.batch_idx else None
 
@@ -677,7 +758,7 @@ class Trainer:
                 signal.signal(s, old)
 
     def _stop_on_signal(self, *, save: bool = True) -> None:
-        signum, self._signal = self._signal, None
+        signum, self._signal, self._signal_shared = self._signal, None, False
         if save and self.checkpoint is not None:
             self._save(None)
         if signum == signal.SIGINT:
@@ -702,6 +783,7 @@ class Trainer:
             "history": self.history.state_dict(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "logger": None if self.logger is None else self.logger.state_dict(),
+            "rank_rngs": self._rank_rngs,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -728,4 +810,5 @@ class Trainer:
         self._epoch_rng = state_dict["epoch_rng"]
         self._epoch_loss = state_dict["epoch_loss"].to(self.device, self._sum_dtype)
         self._epoch_count = state_dict["epoch_count"]
+        self._rank_rngs = state_dict["rank_rngs"]
         self.history.load_state_dict(state_dict["history"])

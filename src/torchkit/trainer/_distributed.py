@@ -1,0 +1,111 @@
+"""Private helpers for Trainer under a process group: sharding, reductions, shared stops."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from torchkit.distributed import barrier, get_rank, get_world_size
+
+__all__ = ["barrier"]
+
+_log = logging.getLogger("torchkit.trainer")
+
+
+world_size = get_world_size
+rank = get_rank
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (nothing without a group) and return it."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether it is true on any rank: one small collective for all."""
+    if world_size() == 1:
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order (``None`` without a group)."""
+    if world_size() == 1:
+        return None
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class ShardSampler(Sampler[int]):
+    """Give rank ``r`` of ``w`` the samples ``r, r + w, ...``, without padding.
+
+    Every sample is evaluated exactly once, so summed metrics equal a single process's.
+    """
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        self.length, self.rank, self.world = length, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world))
+
+
+def shard(data: Iterable[Any] | None, *, train: bool, seed: int) -> Any:
+    """Give this rank its part of a DataLoader: a DistributedSampler to train.
+
+    Evaluation gets a plain stride instead; other iterables are left to the user, with a
+    note in the log.
+    """
+    if data is None or world_size() == 1:
+        return data
+    if not isinstance(data, DataLoader):
+        _log.info("under a process group, %s is not a DataLoader: each rank iterates it "
+                  "as given, so shard it yourself", type(data).__name__)
+        return data
+    if isinstance(data.sampler, DistributedSampler | ShardSampler) or isinstance(
+        data.dataset, IterableDataset
+    ):
+        return data  # sharded already, or cannot be sharded by index
+    if data.batch_sampler is None or type(data.batch_sampler).__name__ != "BatchSampler":
+        _log.info("a DataLoader with a custom batch_sampler is not sharded by Trainer")
+        return data
+    n = len(data.dataset)  # type: ignore[arg-type]
+    sampler: Sampler[int]
+    if train:
+        sampler = DistributedSampler(data.dataset, num_replicas=world_size(), rank=rank(),
+                                     shuffle=isinstance(data.sampler, RandomSampler),
+                                     seed=seed)
+    else:
+        sampler = ShardSampler(n, rank(), world_size())
+    extra: dict[str, Any] = {}
+    if data.num_workers > 0:
+        extra = {"prefetch_factor": data.prefetch_factor,
+                 "persistent_workers": data.persistent_workers}
+    return DataLoader(
+        data.dataset, batch_size=data.batch_size, sampler=sampler,
+        num_workers=data.num_workers, collate_fn=data.collate_fn,
+        pin_memory=data.pin_memory, drop_last=data.drop_last, timeout=data.timeout,
+        worker_init_fn=data.worker_init_fn,
+        multiprocessing_context=data.multiprocessing_context, generator=data.generator,
+        pin_memory_device=data.pin_memory_device, **extra,
+    )
+
+
+def set_epoch(data: Any, epoch: int) -> None:
+    """Call ``sampler.set_epoch(epoch)`` when the loader's sampler has it."""
+    set_sampler_epoch = getattr(getattr(data, "sampler", None), "set_epoch", None)
+    if callable(set_sampler_epoch):
+        set_sampler_epoch(epoch)

@@ -1,0 +1,129 @@
+"""Trainer under a 2-process gloo group equals one process with the global batch."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import torchkit as tk
+
+
+def datasets():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 6, generator=g)
+    train = TensorDataset(x, (x[:, 0] - x[:, 1] > 0).long())
+    xv = torch.randn(101, 6, generator=g)  # not divisible by the world size
+    val = TensorDataset(xv, (xv[:, 0] - xv[:, 1] > 0).long())
+    return train, val
+
+
+def make_trainer(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    return tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.2), F.cross_entropy,
+                      metrics={"acc": tk.accuracy}, progress=False, device="cpu", **kwargs)
+
+
+class StopOnRankOne(tk.Callback):
+    def on_epoch_end(self, trainer, metrics):
+        if dist.get_rank() == 1 and trainer.epoch == 1:
+            trainer.should_stop = True
+
+
+class CrashAt(tk.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def _worker(rank, port, out, case):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        train, val = datasets()
+        batch, accumulate = (4, 2) if case == "accumulate" else (8, 1)
+        loader = DataLoader(train, batch_size=batch)
+        val_loader = DataLoader(val, batch_size=10)
+        result = {}
+        if case == "stop":
+            trainer = make_trainer(callbacks=[StopOnRankOne()])
+            history = trainer.fit(loader, val_loader, epochs=5)
+        elif case == "resume":
+            manager = tk.CheckpointManager(out / "ckpt", keep_last=2)
+            crashed = make_trainer(callbacks=[CrashAt(5)], checkpoint=manager,
+                                   checkpoint_every=2)
+            loader = DataLoader(train, batch_size=8, shuffle=True)
+            with contextlib.suppress(RuntimeError):
+                crashed.fit(loader, val_loader, epochs=3)
+            dist.barrier()
+            resumed = make_trainer(callbacks=[CrashAt(-1)], checkpoint=manager,
+                                   checkpoint_every=2)
+            history = resumed.fit(loader, val_loader, epochs=3, resume="latest")
+            trainer = resumed
+            straight = make_trainer(callbacks=[CrashAt(-1)])
+            straight.fit(loader, val_loader, epochs=3)
+            result["straight"] = {k: v.clone() for k, v in straight.module.state_dict().items()}
+        else:
+            trainer = make_trainer(accumulate=accumulate)
+            history = trainer.fit(loader, val_loader, epochs=2)
+        result.update(params={k: v.clone() for k, v in trainer.module.state_dict().items()},
+                      history=history.records, evaluate=trainer.evaluate(val_loader),
+                      is_ddp=isinstance(trainer.model, nn.parallel.DistributedDataParallel))
+        torch.save(result, out / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(tmp_path, case):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, tmp_path, case), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["plain", "accumulate"])
+def test_ddp_equals_one_process_with_the_global_batch(tmp_path, case):
+    results = run(tmp_path, case)
+    train, val = datasets()
+    single = make_trainer()
+    history = single.fit(DataLoader(train, batch_size=16), DataLoader(val, batch_size=10),
+                         epochs=2)
+    for result in results:
+        assert result["is_ddp"]
+        torch.testing.assert_close(result["params"], single.module.state_dict())
+        for got, expected in zip(result["history"], history.records):
+            assert got.keys() == expected.keys()
+            for key in expected:
+                assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        expected_eval = single.evaluate(DataLoader(val, batch_size=10))
+        assert result["evaluate"] == pytest.approx(expected_eval, rel=1e-5)
+    assert results[0]["history"] == results[1]["history"]  # every rank reports the same
+
+
+@pytest.mark.distributed
+def test_a_stop_on_one_rank_stops_every_rank(tmp_path):
+    results = run(tmp_path, "stop")
+    assert [len(r["history"]) for r in results] == [2, 2]
+
+
+@pytest.mark.distributed
+def test_resume_under_ddp_equals_a_straight_run(tmp_path):
+    results = run(tmp_path, "resume")
+    for result in results:
+        torch.testing.assert_close(result["params"], result["straight"], rtol=0, atol=0)
+    torch.testing.assert_close(results[0]["params"], results[1]["params"], rtol=0, atol=0)
