@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 
 import pytest
@@ -38,6 +40,12 @@ class StopOnRankOne(tk.Callback):
             trainer.should_stop = True
 
 
+class SigtermOnRankOne(tk.Callback):
+    def on_train_batch_end(self, trainer, batch, batch_idx):
+        if dist.get_rank() == 1 and trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class CrashAt(tk.Callback):
     def __init__(self, step):
         self.step = step
@@ -60,6 +68,19 @@ def _worker(rank, port, out, case):
         if case == "stop":
             trainer = make_trainer(callbacks=[StopOnRankOne()])
             history = trainer.fit(loader, val_loader, epochs=5)
+        elif case == "early":
+            trainer = make_trainer(callbacks=[tk.EarlyStopping(patience=1)])
+            trainer.optimizer.param_groups[0]["lr"] = 8.0  # diverges: val_loss gets worse
+            history = trainer.fit(loader, val_loader, epochs=30)
+        elif case == "sigterm":
+            manager = tk.CheckpointManager(out / f"ckpt{rank}")
+            trainer = make_trainer(callbacks=[SigtermOnRankOne()], checkpoint=manager)
+            try:
+                trainer.fit(loader, val_loader, epochs=30)
+            except SystemExit as exit_:
+                result["exit"] = exit_.code
+            result["step"] = trainer.global_step
+            history = trainer.history
         elif case == "resume":
             manager = tk.CheckpointManager(out / "ckpt", keep_last=2)
             crashed = make_trainer(callbacks=[CrashAt(5)], checkpoint=manager,
@@ -127,3 +148,20 @@ def test_resume_under_ddp_equals_a_straight_run(tmp_path):
     for result in results:
         torch.testing.assert_close(result["params"], result["straight"], rtol=0, atol=0)
     torch.testing.assert_close(results[0]["params"], results[1]["params"], rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+def test_early_stopping_stops_both_ranks_together(tmp_path):
+    results = run(tmp_path, "early")
+    lengths = [len(r["history"]) for r in results]
+    assert lengths[0] == lengths[1] < 30
+
+
+@pytest.mark.distributed
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    results = run(tmp_path, "sigterm")
+    assert [r.get("exit") for r in results] == [128 + signal.SIGTERM] * 2
+    assert results[0]["step"] == results[1]["step"]
+    assert list((tmp_path / "ckpt0").glob("checkpoint-*.pt"))  # rank 0 saved, then stopped
+    assert not list((tmp_path / "ckpt1").glob("checkpoint-*.pt"))  # and only rank 0
+
