@@ -399,6 +399,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             {"params": dict(model.module.named_parameters()), "fired": fired},
             f"{out_dir}/rank{rank}.pt",
         )
+        dist.barrier()  # gloo aborts a rank that tears the group down under its peer
     finally:
         dist.destroy_process_group()
 
