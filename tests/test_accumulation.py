@@ -427,3 +427,11 @@ def test_ddp_skips_all_reduce_inside_a_window_and_equals_the_global_big_batch(tm
         # Only the window-closing micro-batch 1 all-reduces; micro-batch 2 is synced by flush.
         assert result["fired"] == [1]
         torch.testing.assert_close(result["params"], dict(expected.named_parameters()))
+
+
+def test_float64_windows_are_normalised_in_float64():
+    """A float32 reciprocal would leave ~1e-9 relative error in float64 gradients."""
+    batches = [data(n, seed=i) for i, n in enumerate([3, 4])]
+    expected = big_batch_run([batches], lr=0.1)
+    got, _, _ = accumulated_run(batches, 2, lr=0.1)
+    assert_same_params(got, expected, rtol=1e-14, atol=1e-15)

@@ -166,3 +166,11 @@ def test_resume_from_a_path_and_mismatched_callbacks(tmp_path):
     assert other.epoch == 1 and other.callbacks[0].num_steps == 1
     with pytest.raises(ValueError, match="state for 1 callbacks but this Trainer has 0"):
         make(tmp_path / "third").fit(loader(), epochs=2, resume=path)
+
+
+def test_stateless_callbacks_need_not_match_on_resume(tmp_path):
+    trainer = make(tmp_path, [Crash(-1)])  # no state
+    trainer.fit(loader(), epochs=1)
+    again = make(tmp_path)
+    again.fit(loader(), epochs=2, resume="latest")
+    assert again.epoch == 2

@@ -322,7 +322,14 @@ class GradAccumulator:
             return None
         found: torch.Tensor | None = None
         for group in _by_device(grads):
-            f = _unscale_and_check(group, self._inverse(divisor, group[0].device))
+            inv_divisor = divisor
+            if isinstance(divisor, float) and divisor != 1.0 and any(
+                g.dtype == torch.float64 for g in group
+            ):
+                # The fused kernel takes a float32 scale: divide float64 exactly instead.
+                torch._foreach_div_(group, divisor)
+                inv_divisor = 1.0
+            f = _unscale_and_check(group, self._inverse(inv_divisor, group[0].device))
             found = f if found is None else torch.maximum(found, f.to(found.device))
         return found
 

@@ -88,7 +88,9 @@ class Trainer:
             callables' ``__name__``.
         callbacks: :class:`~torchkit.Callback` objects, e.g. ``EarlyStopping``.
         logger: A torchkit logger (``TensorBoardLogger``, ``CSVLogger``); epoch metrics
-            are logged with the epoch as step, hyper-parameters at the end.
+            are logged with the epoch as step, hyper-parameters at the end. ``fit``
+            flushes it but does not close it: close it yourself (or use it as a context
+            manager), so one logger can span several ``fit`` calls.
         progress: Show a tqdm bar per epoch.
         checkpoint: A :class:`~torchkit.CheckpointManager`: full training state is
             saved after each epoch, every ``checkpoint_every`` optimizer steps, and on
@@ -794,6 +796,8 @@ class Trainer:
         """
         check_keys(state_dict, expected=_STATE_KEYS, owner=type(self).__name__)
         saved_callbacks = state_dict["callbacks"]
+        if len(saved_callbacks) != len(self.callbacks) and not any(saved_callbacks):
+            saved_callbacks = [{} for _ in self.callbacks]  # none had state: nothing to lose
         if len(saved_callbacks) != len(self.callbacks):
             raise ValueError(
                 f"the checkpoint has state for {len(saved_callbacks)} callbacks but this "
