@@ -470,10 +470,7 @@ class Trainer:
         """Add the pending losses to the epoch's sum (at fixed points, so sums are exact)."""
         if not self._pending:
             return
-        losses = torch.stack([p[0] for p in self._pending]).to(self._sum_dtype)
-        sizes = torch.tensor([p[1] for p in self._pending], dtype=self._sum_dtype,
-                             device=losses.device)
-        self._epoch_loss.add_(torch.dot(losses, sizes))
+        self._epoch_loss.add_(self._pending_sum())
         self._unchecked.extend(self._pending)
         self._pending = []
 
@@ -518,8 +515,17 @@ class Trainer:
         count = self._epoch_count + self._window_size
         if not count:
             return {}
-        total = float(self._epoch_loss) + sum(float(p[0]) * p[1] for p in self._pending)
-        return {"loss": total / count}
+        total = self._epoch_loss
+        if self._pending:  # one host read for the whole chunk, not one per pending loss
+            total = total + self._pending_sum()
+        return {"loss": float(total) / count}
+
+    def _pending_sum(self) -> torch.Tensor:
+        """The sample-weighted sum of the pending losses, on the device."""
+        losses = torch.stack([p[0] for p in self._pending]).to(self._sum_dtype)
+        sizes = torch.tensor([p[1] for p in self._pending], dtype=self._sum_dtype,
+                             device=losses.device)
+        return torch.dot(losses, sizes)
 
     def _epoch_metrics(self, val_data: Iterable[Any] | None, lr: float) -> dict[str, float]:
         metrics: dict[str, float] = {}
