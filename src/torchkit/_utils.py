@@ -1,11 +1,17 @@
-"""Private helpers shared by torchkit's modules: optional imports and state checks."""
+"""Private helpers shared by torchkit's modules: optional imports, checks, unwrap, atomic files."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Collection, Mapping
+import os
+import tempfile
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import IO, Any, Literal
+
+from torch import nn
 
 __all__: list[str] = []
 
@@ -32,3 +38,66 @@ def check_keys(state: Mapping[str, Any], *, expected: Collection[str], owner: st
             f"{owner}.load_state_dict got a state with missing keys {missing} and "
             f"unexpected keys {unexpected}; expected exactly {sorted(expected)}"
         )
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Return the model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            module = module.module
+            continue
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<pid>-<random>"
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None], *,
+                 durable: bool = True, mode: Literal["wb", "w"] = "wb") -> Path:
+    """Write a file atomically: ``write(f)`` fills a temporary file that replaces ``path``.
+
+    The temporary file lives in the same directory (``.<name>.tmp-<pid>-<random>``); it
+    is flushed, fsynced when ``durable``, closed and renamed over ``path``, and then the
+    directory is fsynced (when ``durable``) so the rename survives a power loss. On any
+    error the temporary file is closed and removed, so its space is freed at once, and
+    ``path`` is untouched; an ``OSError`` is re-raised with its errno and ``path``.
+    Text mode (``"w"``) writes UTF-8 with ``newline=""`` (what ``csv`` expects).
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-",
+                                    dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with (os.fdopen(fd, "wb") if mode == "wb"
+              else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
+            write(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}",
+                      str(path)) from error
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        fsync_directory(path.parent)
+    return path
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (nothing to do on Windows)."""
+    if os.name == "nt":  # pragma: no cover - NTFS journals the rename itself
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkit._utils import unwrap
 from torchkit._version import __version__
 from torchkit.state import get_rng_state, set_rng_state
 
@@ -52,18 +53,6 @@ class CheckpointError(RuntimeError):
     def __init__(self, path: PathLike, cause: str) -> None:
         super().__init__(f"checkpoint {os.fspath(path)}: {cause}")
         self.path = Path(path)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Return the model inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            module = module.module
-            continue
-        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
 
 
 def _check_plain(value: Any, where: str) -> None:
