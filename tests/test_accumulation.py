@@ -166,7 +166,7 @@ def test_boundary_order_with_a_scaler(monkeypatch):
 
     import torchkit.accumulation as accumulation
 
-    real_normalise = accumulation._unscale_and_check
+    real_normalise = accumulation.unscale_and_check
     real_clip = accumulation.clip_grad_norm
 
     def normalise(*args):
@@ -177,7 +177,7 @@ def test_boundary_order_with_a_scaler(monkeypatch):
         rec.events.append("clip")
         return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(accumulation, "_unscale_and_check", normalise)
+    monkeypatch.setattr(accumulation, "unscale_and_check", normalise)
     monkeypatch.setattr(accumulation, "clip_grad_norm", clip)
     model = make_model()
     accum = tk.GradAccumulator(

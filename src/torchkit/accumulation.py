@@ -14,8 +14,15 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 
+from torchkit._grads import (
+    check_norm_type,
+    group_by_device,
+    group_by_device_and_dtype,
+    unscale_and_check,
+    unscale_once,
+)
 from torchkit._utils import check_keys
-from torchkit.clipping import _by_device_and_dtype, _check_norm_type, _unscale_once, clip_grad_norm
+from torchkit.clipping import clip_grad_norm
 
 __all__ = ["GradAccumulator"]
 
@@ -130,7 +137,7 @@ class GradAccumulator:
         if max_norm is not None and not (isinstance(max_norm, numbers.Real) and max_norm > 0):
             errors.append(f"max_norm must be a positive number or None, got {max_norm!r}")
         try:
-            _check_norm_type(norm_type)
+            check_norm_type(norm_type)
         except (TypeError, ValueError) as error:
             errors.append(str(error))
         if errors:
@@ -288,7 +295,7 @@ class GradAccumulator:
         if self._window_unsynced and grads:
             self._all_reduce_mean(grads)
         if scaler_enabled:
-            _unscale_once(self.scaler, self.optimizer)
+            unscale_once(self.scaler, self.optimizer)
         found_inf = self._normalise(grads, check=check) if grads else None
         if self.max_norm is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -321,7 +328,7 @@ class GradAccumulator:
         if not grads or (not check and isinstance(divisor, float) and divisor == 1.0):
             return None
         found: torch.Tensor | None = None
-        for group in _by_device(grads):
+        for group in group_by_device(grads):
             inv_divisor = divisor
             if isinstance(divisor, float) and divisor != 1.0 and any(
                 g.dtype == torch.float64 for g in group
@@ -329,7 +336,7 @@ class GradAccumulator:
                 # The fused kernel takes a float32 scale: divide float64 exactly instead.
                 torch._foreach_div_(group, divisor)
                 inv_divisor = 1.0
-            f = _unscale_and_check(group, self._inverse(inv_divisor, group[0].device))
+            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device))
             found = f if found is None else torch.maximum(found, f.to(found.device))
         return found
 
@@ -348,7 +355,7 @@ class GradAccumulator:
 
     def _all_reduce_mean(self, grads: list[torch.Tensor]) -> None:
         world = dist.get_world_size()
-        for group in _by_device_and_dtype(grads):
+        for group in group_by_device_and_dtype(grads):
             flat = torch.cat([g.reshape(-1) for g in group])  # one collective, not one each
             dist.all_reduce(flat)
             flat.div_(world)
@@ -411,30 +418,4 @@ class GradAccumulator:
         )
 
 
-def _by_device(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    # The fused kernel takes mixed dtypes but one device; usually there is only one.
-    device = grads[0].device
-    if all(g.device == device for g in grads):
-        return [grads]
-    groups: dict[torch.device, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault(g.device, []).append(g)
-    return list(groups.values())
-
-
-def _unscale_and_check(grads: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
-    """Multiply ``grads`` by ``inv_scale`` in place; return 1.0 if any is nan/inf, else 0.0."""
-    found_inf = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
-    if _FUSED is not None and not any(g.is_sparse for g in grads):
-        # The fused kernel GradScaler uses: one pass both scales and checks.
-        _FUSED(grads, found_inf, inv_scale)
-        return found_inf
-    for g in grads:
-        g.mul_(inv_scale.to(g.dtype))
-        values = g.coalesce().values() if g.is_sparse else g
-        found_inf += (~torch.isfinite(values)).any().float()
-    return found_inf.clamp_(max=1.0)
-
-
-_FUSED = getattr(torch, "_amp_foreach_non_finite_check_and_unscale_", None)
 _NOTHING = contextlib.nullcontext()

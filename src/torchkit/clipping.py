@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, cast
 
 import torch
 from torch.amp import GradScaler
+
+from torchkit._grads import check_norm_type, group_by_device_and_dtype, unscale_once
 
 __all__ = ["clip_grad_adaptive", "clip_grad_norm", "clip_grad_value", "grad_norm"]
 
@@ -32,30 +32,6 @@ def _grads(parameters: Parameters) -> list[torch.Tensor]:
         raise
 
 
-_torch_group: Any
-try:  # the C++ grouping torch's own clipping uses; much faster than a Python loop
-    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _torch_group
-except ImportError:  # pragma: no cover - depends on the torch version
-    _torch_group = None
-
-
-def _by_device_and_dtype(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    if _torch_group is not None:
-        grouped = _torch_group([list(grads)])
-        return [cast(list[torch.Tensor], tensors) for ((tensors,), _) in grouped.values()]
-    groups: defaultdict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        groups[(g.device, g.dtype)].append(g)
-    return list(groups.values())
-
-
-def _check_norm_type(norm_type: float) -> float:
-    norm_type = float(norm_type)
-    if not norm_type > 0:  # also rejects nan
-        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
-    return norm_type
-
-
 def _check_scaler(scaler: GradScaler | None, optimizer: torch.optim.Optimizer | None) -> None:
     if scaler is not None and optimizer is None:
         raise ValueError(
@@ -64,20 +40,6 @@ def _check_scaler(scaler: GradScaler | None, optimizer: torch.optim.Optimizer | 
         )
     if optimizer is not None and scaler is None:
         raise ValueError("optimizer is only used together with scaler=; pass both or neither")
-
-
-def _unscale_once(scaler: GradScaler | None, optimizer: torch.optim.Optimizer | None) -> None:
-    """Unscale ``optimizer``'s gradients unless it already happened since the last update."""
-    if scaler is None or optimizer is None or not scaler.is_enabled():
-        return
-    # GradScaler raises if unscale_ is called twice per step; its per-optimizer stage tells
-    # whether a user (or another helper) already unscaled this step.
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if states is not None:
-        stage = states[id(optimizer)].get("stage")
-        if getattr(stage, "name", None) == "UNSCALED":
-            return
-    scaler.unscale_(optimizer)
 
 
 def _total_norm(groups: list[list[torch.Tensor]], norm_type: float) -> torch.Tensor:
@@ -122,11 +84,11 @@ def grad_norm(parameters: Parameters, *, norm_type: float = 2.0) -> torch.Tensor
         >>> tk.grad_norm([w], norm_type=float("inf"))
         tensor(4.)
     """
-    norm_type = _check_norm_type(norm_type)
+    norm_type = check_norm_type(norm_type)
     grads = _grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    return _total_norm(_by_device_and_dtype(grads), norm_type)
+    return _total_norm(group_by_device_and_dtype(grads), norm_type)
 
 
 def clip_grad_norm(
@@ -174,13 +136,13 @@ def clip_grad_norm(
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm!r}")
-    norm_type = _check_norm_type(norm_type)
+    norm_type = check_norm_type(norm_type)
     _check_scaler(scaler, optimizer)
     grads = _grads(parameters)
-    _unscale_once(scaler, optimizer)
+    unscale_once(scaler, optimizer)
     if not grads:
         return torch.tensor(0.0)
-    groups = _by_device_and_dtype(grads)
+    groups = group_by_device_and_dtype(grads)
     total = _total_norm(groups, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
@@ -226,8 +188,8 @@ def clip_grad_value(
         raise ValueError(f"clip_value must be positive, got {clip_value!r}")
     _check_scaler(scaler, optimizer)
     grads = _grads(parameters)
-    _unscale_once(scaler, optimizer)
-    for group in _by_device_and_dtype(grads) if grads else []:
+    unscale_once(scaler, optimizer)
+    for group in group_by_device_and_dtype(grads) if grads else []:
         torch._foreach_clamp_min_(group, -clip_value)
         torch._foreach_clamp_max_(group, clip_value)
 
@@ -281,7 +243,7 @@ def clip_grad_adaptive(
     _check_scaler(scaler, optimizer)
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     _grads(params)  # type check
-    _unscale_once(scaler, optimizer)
+    unscale_once(scaler, optimizer)
     with torch.no_grad():
         for p in params:
             if p.grad is None:
