@@ -40,6 +40,13 @@ def check_keys(state: Mapping[str, Any], *, expected: Collection[str], owner: st
         )
 
 
+def check_module(value: object, *, arg: str = "model") -> nn.Module:
+    """Return ``value`` if it is an ``nn.Module``, else raise ``TypeError`` naming ``arg``."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{arg} must be an nn.Module, got {type(value).__name__}")
+    return value
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """Return the model inside DDP / DataParallel / ``torch.compile`` wrappers."""
     while True:
@@ -67,8 +74,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     Text mode (``"w"``) writes UTF-8 with ``newline=""`` (what ``csv`` expects).
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-",
-                                    dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-",
+                                        dir=path.parent)
+    except OSError as error:  # a read-only or missing directory, no inodes left
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror or error}",
+                          str(path)) from error
     tmp = Path(tmp_name)
     try:
         with (os.fdopen(fd, "wb") if mode == "wb"
@@ -81,8 +92,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], None],
     except OSError as error:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}",
-                      str(path)) from error
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror or error}",
+                          str(path)) from error
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

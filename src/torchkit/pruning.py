@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _torch_prune
 
-from torchkit._utils import check_keys
+from torchkit._utils import check_keys, check_module
 from torchkit.callbacks import Callback
 
 __all__ = ["PruningSchedule", "prune", "remove_pruning", "restore_pruning", "sparsity"]
@@ -111,7 +111,7 @@ def remove_pruning(model: nn.Module) -> nn.Module:
         >>> tk.sparsity(model)["total"]
         0.25
     """
-    _check_model(model)
+    check_module(model)
     for module in model.modules():
         for name in _pruned_names(module):
             torch_prune.remove(module, name)
@@ -148,7 +148,7 @@ def restore_pruning(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Modul
         >>> tk.sparsity(model)["total"]
         0.5
     """
-    _check_model(model)
+    check_module(model)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     submodules = dict(model.named_modules())
@@ -196,7 +196,7 @@ def sparsity(
         >>> tk.sparsity(model)
         {'0': 0.0, '1': 0.5, 'total': 0.25}
     """
-    _check_model(model)
+    check_module(model)
     kinds = _check_types(modules)
     result: dict[str, float] = {}
     zeros = total = 0
@@ -308,11 +308,6 @@ class PruningSchedule(Callback):
         self.num_steps = int(state_dict["num_steps"])
 
 
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-
-
 def _check_types(modules: Any) -> tuple[type[nn.Module], ...]:
     valid = isinstance(modules, (tuple, list)) and bool(modules) and all(
         isinstance(m, type) and issubclass(m, nn.Module) for m in modules
@@ -326,7 +321,7 @@ def _check_types(modules: Any) -> tuple[type[nn.Module], ...]:
 
 
 def _layers(model: nn.Module, modules: Any) -> list[tuple[str, nn.Module]]:
-    _check_model(model)
+    check_module(model)
     kinds = _check_types(modules)
     layers = [(name, m) for name, m in model.named_modules()
               if isinstance(m, kinds) and isinstance(getattr(m, "weight", None), torch.Tensor)]

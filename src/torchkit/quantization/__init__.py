@@ -15,8 +15,9 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from torchkit._utils import check_module
 from torchkit.quantization import _backend
-from torchkit.quantization._backend import Backend, Engine, check_model
+from torchkit.quantization._backend import Backend, Engine
 from torchkit.quantization._report import model_size, quantization_report
 
 __all__ = [
@@ -78,7 +79,7 @@ def quantize_dynamic(
         >>> tk.model_size(qmodel) < 0.35 * tk.model_size(model)
         True
     """
-    check_model(model)
+    check_module(model)
     kinds = _check_modules(modules)
     if dtype not in (torch.qint8, torch.float16):
         raise ValueError(f"dtype must be torch.qint8 or torch.float16, got {dtype!r}")
@@ -151,7 +152,7 @@ def quantize_static(
         >>> qmodel(batches[0]).shape
         torch.Size([4, 10])
     """
-    check_model(model)
+    check_module(model)
     _check_fuse(fuse)
     inputs = _backend.calibration_inputs(calibration_data, num_batches)
     chosen = _resolve(backend, compile, None, needs_example=False)
@@ -208,7 +209,7 @@ def prepare_qat(
         >>> [type(m).__name__ for m in int8.module.children()]
         ['LinearReLU', 'Identity', 'Linear']
     """
-    check_model(model)
+    check_module(model)
     _check_fuse(fuse)
     chosen = _resolve(backend, None, example_input, needs_example=True)
     _backend.check_engine(engine, chosen)

@@ -140,12 +140,6 @@ def check_engine(engine: str, backend: str) -> None:
         )
 
 
-def check_model(model: Any, name: str = "model") -> None:
-    """Raise ``TypeError`` unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
-
-
 def batch_input(batch: Any) -> torch.Tensor:
     """Return the input tensor of one batch: itself, its first element or ``"inputs"``."""
     if isinstance(batch, torch.Tensor):

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkit.quantization._backend import batch_input, check_model
+from torchkit._utils import check_module
+from torchkit.quantization._backend import batch_input
 
 __all__ = ["model_size", "quantization_report"]
 
@@ -36,7 +37,7 @@ def model_size(model: nn.Module) -> int:
         >>> tk.model_size(nn.Linear(1000, 1000)) > 4_000_000  # one million float32 weights
         True
     """
-    check_model(model)
+    check_module(model)
     model = getattr(model, "_orig_mod", model)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -91,8 +92,8 @@ def quantization_report(
         >>> report["size_ratio"] < 0.35
         True
     """
-    check_model(float_model, "float_model")
-    check_model(quantized_model, "quantized_model")
+    check_module(float_model, arg="float_model")
+    check_module(quantized_model, arg="quantized_model")
     if isinstance(num_repeats, bool) or not isinstance(num_repeats, int) or num_repeats < 1:
         raise ValueError(f"num_repeats must be a positive int, got {num_repeats!r}")
     devices = {p.device.type for p in float_model.parameters()}
