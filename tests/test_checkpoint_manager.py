@@ -188,13 +188,13 @@ def test_state_dict_round_trip(tmp_path):
     manager = tk.CheckpointManager(tmp_path, monitor="loss")
     manager.save({}, step=3, epoch=1, metrics={"loss": 0.2})
     state = manager.state_dict()
-    assert state == {"entries": [{"file": ckpt(3), "step": 3, "epoch": 1,
-                                  "metrics": {"loss": 0.2}}]}
+    assert state == {"next_seq": 1, "entries": [{"file": ckpt(3), "step": 3, "seq": 0,
+                                                 "epoch": 1, "metrics": {"loss": 0.2}}]}
     (tmp_path / "index.json").unlink()
     other = tk.CheckpointManager(tmp_path, monitor="loss")
     other.load_state_dict(state)
     assert other.state_dict() == state
-    with pytest.raises(KeyError, match=r"missing keys \['entries'\]"):
+    with pytest.raises(KeyError, match=r"missing keys \['entries', 'next_seq'\]"):
         other.load_state_dict({})
     assert repr(other) == (f"CheckpointManager({str(tmp_path)!r}, keep_last=3, keep_best=0, "
                            "monitor='loss', checkpoints=1)")

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic, durable save and safe, validated load."""
+"""Checkpoint files: atomic, durable, verified save and a safe, validated, honest load."""
 
 from __future__ import annotations
 
@@ -6,28 +6,31 @@ import contextlib
 import datetime
 import logging
 import os
-import pickle
-import tempfile
-import zipfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
-from torchkit._utils import unwrap
+from torchkit._utils import atomic_write, unwrap
 from torchkit._version import __version__
+from torchkit.checkpoint._errors import CheckpointError
+from torchkit.checkpoint._integrity import (
+    FORMAT,
+    FORMAT_VERSION,
+    HashingWriter,
+    read_checkpoint,
+    trailer,
+)
+from torchkit.checkpoint._keys import load_module_state
 from torchkit.state import get_rng_state, set_rng_state
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]  # re-exported by the package
+__all__ = ["load_checkpoint", "save_checkpoint"]  # re-exported by the package
 
 _log = logging.getLogger(__name__)
-
-FORMAT = "torchkit.checkpoint"
-FORMAT_VERSION = 1
-TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<pid>-<random>"
 
 PathLike = str | os.PathLike[str]
 # Exact types: subclasses (a str subclass such as torch.__version__, a defaultdict, a
@@ -36,27 +39,14 @@ _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _OBJECTS = (torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be used: missing, truncated, corrupt, foreign or unsafe.
-
-    Attributes:
-        path: The file concerned.
-
-    Example:
-        >>> try:
-        ...     tk.load_checkpoint("no/such/file.pt")
-        ... except tk.CheckpointError as error:
-        ...     print(error)
-        checkpoint no/such/file.pt: no such file
-    """
-
-    def __init__(self, path: PathLike, cause: str) -> None:
-        super().__init__(f"checkpoint {os.fspath(path)}: {cause}")
-        self.path = Path(path)
-
-
 def _check_plain(value: Any, where: str) -> None:
     """Raise unless ``value`` is made of types that ``weights_only=True`` loads."""
+    if isinstance(value, torch.Tensor) and is_sharded(value):
+        raise CheckpointError(
+            where, "is a sharded DTensor (FSDP2 / tensor parallel): one file would hold only "
+            "this rank's shard. Save sharded models with CheckpointManager(format='dcp'), "
+            "which every rank writes"
+        )
     if type(value) in _SCALARS or isinstance(value, _OBJECTS):
         return
     if type(value) in (dict, OrderedDict):
@@ -73,6 +63,12 @@ def _check_plain(value: Any, where: str) -> None:
             "tuples, dicts) so they load with torch.load(weights_only=True). Convert it, "
             "e.g. a numpy array with torch.from_numpy"
         )
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a shard of a tensor spread over ranks)."""
+    return type(tensor).__name__ == "DTensor" or (
+        isinstance(tensor, nn.Parameter) and type(tensor.data).__name__ == "DTensor")
 
 
 def _state_of(name: str, obj: Any) -> tuple[str, Any]:
@@ -98,6 +94,43 @@ def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def check_count(value: Any, name: str) -> None:
+    """Raise unless ``value`` is ``None`` or an int >= 0 (a step or an epoch)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+        raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
+
+
+def build_payload(state: Mapping[str, Any], *, step: int | None, epoch: int | None,
+                  metrics: Mapping[str, Any] | None, seq: int | None = None) -> dict[str, Any]:
+    """Check ``state`` and turn it into what a checkpoint file holds."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping of names to objects, got {type(state).__name__}")
+    check_count(step, "step")
+    check_count(epoch, "epoch")
+    values = _metrics(metrics)
+    kinds, payload_state = {}, {}
+    for name, obj in state.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"state names must be non-empty strings, got {name!r}")
+        kind, value = _state_of(name, obj)
+        _check_plain(value, f"state[{name!r}]")
+        kinds[name], payload_state[name] = kind, value
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "torchkit_version": __version__,
+        "torch_version": str(torch.__version__),
+        "step": step,
+        "epoch": epoch,
+        "seq": seq,
+        "metrics": values,
+        "rng": get_rng_state(),
+        "kinds": kinds,
+        "state": payload_state,
+    }
+
+
 def save_checkpoint(
     path: PathLike,
     state: Mapping[str, Any],
@@ -116,17 +149,22 @@ def save_checkpoint(
     Models wrapped in DDP, DataParallel or ``torch.compile`` are saved unwrapped, so
     their keys carry no ``module.`` / ``_orig_mod.`` prefix. The file also records the
     format version, the torchkit and torch versions, ``step``, ``epoch``, ``metrics`` and
-    the RNG states (see :func:`get_rng_state`).
+    the RNG states (see :func:`get_rng_state`). A sharded model (DTensor parameters,
+    FSDP2) is refused: use ``CheckpointManager(format="dcp")``.
 
-    The bytes go to a temporary file in the same directory, which is flushed, fsynced
-    and renamed over ``path``; then the directory is fsynced. A crash at any instant
-    leaves the old complete file or the new complete file under ``path``, never a mix.
+    The bytes go to a temporary file in the same directory, followed by a digest of
+    them (XXH3-128, computed as they are written), which is flushed, fsynced and renamed
+    over ``path``; then the directory is fsynced. A crash at any instant leaves the old
+    complete file or the new complete file under ``path``, never a mix; a full disk or
+    a read-only directory raises ``OSError`` (errno and path), removes the temporary
+    file and leaves ``path`` as it was. The layout is on the checkpoints guide page; the
+    file also loads with plain ``torch.load(path, weights_only=True)``.
 
     Args:
         path: Where to write; the parent directory must exist.
         state: Names mapped to stateful objects or plain data.
-        step: The optimizer step or iteration the checkpoint was taken at.
-        epoch: The epoch the checkpoint was taken in.
+        step: The optimizer step or iteration the checkpoint was taken at (int >= 0).
+        epoch: The epoch the checkpoint was taken in (int >= 0).
         metrics: Numbers to record (e.g. ``{"val_loss": 0.3}``); tensors are read.
         durable: fsync the file and the directory, so the checkpoint survives a power
             loss, not only a crash of the process. ``False`` is faster and still atomic.
@@ -141,6 +179,8 @@ def save_checkpoint(
     Raises:
         TypeError: If a value is neither stateful nor plain data, or a metric is not a
             number.
+        ValueError: If ``step`` or ``epoch`` is not an int >= 0.
+        CheckpointError: If ``state`` holds a sharded (DTensor) tensor.
         OSError: If writing fails; the temporary file is removed and ``path`` untouched.
 
     Example:
@@ -156,27 +196,8 @@ def save_checkpoint(
         >>> meta["step"], meta["metrics"], meta["extra"]
         (100, {'loss': 0.5}, {'note': 'warm-up done'})
     """
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a mapping of names to objects, got {type(state).__name__}")
-    kinds, payload_state = {}, {}
-    for name, obj in state.items():
-        kind, value = _state_of(name, obj)
-        _check_plain(value, f"state[{name!r}]")
-        kinds[name], payload_state[name] = kind, value
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "torchkit_version": __version__,
-        "torch_version": str(torch.__version__),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "step": step,
-        "epoch": epoch,
-        "metrics": _metrics(metrics),
-        "rng": get_rng_state(),
-        "kinds": kinds,
-        "state": payload_state,
-    }
-    return _atomic_save(payload, Path(path), durable=durable, checksum=checksum)
+    payload = build_payload(state, step=step, epoch=epoch, metrics=metrics)
+    return write_payload(payload, Path(path), durable=durable, checksum=checksum)
 
 
 @contextlib.contextmanager
@@ -193,102 +214,43 @@ def _crc32(enabled: bool) -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
-def _atomic_save(payload: Any, path: Path, *, durable: bool, checksum: bool = True) -> Path:
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-",
-                                    dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # Saving to a path lets torch's C++ writer do the I/O (a Python file object is
-        # much slower for big tensors); the file is then reopened only to fsync it.
-        with _crc32(checksum):
-            torch.save(payload, tmp)
-        if durable:
-            fd = os.open(tmp, os.O_RDWR)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync_directory(directory)
-    return path
+def write_payload(payload: Any, path: Path, *, durable: bool, checksum: bool = False) -> Path:
+    """Write ``payload`` and its digest trailer to ``path`` atomically."""
+    writers: list[HashingWriter] = []
 
+    def write(file: IO[Any]) -> None:
+        writer = HashingWriter(file)
+        writers.append(writer)
+        try:
+            with _crc32(checksum):
+                torch.save(payload, writer)  # type: ignore[arg-type]
+        except RuntimeError:
+            if writer.error is not None:  # torch hides a failed write (ENOSPC) behind this
+                raise writer.error from None
+            raise
+        file.write(trailer(writer))
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable. Windows cannot open a directory; its rename is
-    # journaled by NTFS, so there is nothing to do there.
-    if os.name == "nt":  # pragma: no cover
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_checkpoint(path: PathLike, *, map_location: Any = "cpu",
-                    mmap: bool = False) -> dict[str, Any]:
-    """Load and validate a checkpoint file's payload, or raise ``CheckpointError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such file" if not path.exists() else "not a file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        # weights_only refuses anything but tensors and plain data: no code has run.
-        raise CheckpointError(
-            path, f"refused to load: it holds more than tensors and plain data, and loading it "
-            f"could run code ({_unpickler_cause(error)})"
-        ) from error
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
-            IndexError, TypeError, AttributeError, ImportError) as error:
-        raise CheckpointError(
-            path, f"cannot be read, it is truncated or corrupt ({type(error).__name__}: "
-            f"{_first_line(error)})"
-        ) from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(path, "not a torchkit checkpoint (no torchkit format marker)")
-    version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            path, f"written in format version {version}, newer than this torchkit "
-            f"{__version__} reads ({FORMAT_VERSION}); upgrade torchkit"
-        )
-    missing = {"state", "kinds", "rng", "step", "epoch", "metrics"} - set(payload)
-    if missing:
-        raise CheckpointError(path, f"incomplete torchkit checkpoint: no {sorted(missing)}")
-    return payload
-
-
-def _unpickler_cause(error: BaseException) -> str:
-    for line in str(error).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip()
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return atomic_write(path, write, durable=durable)
 
 
 def metadata(payload: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The user-facing description of a loaded checkpoint."""
     kinds = payload["kinds"]
+    created = None
+    with contextlib.suppress(OSError):
+        created = datetime.datetime.fromtimestamp(
+            path.stat().st_mtime, datetime.timezone.utc).isoformat()
     return {
         "path": path,
         "step": payload["step"],
         "epoch": payload["epoch"],
+        "seq": payload.get("seq"),
         "metrics": dict(payload["metrics"]),
         "extra": {k: v for k, v in payload["state"].items() if kinds.get(k) == "data"},
         "names": list(payload["state"]),
         "torchkit_version": payload.get("torchkit_version"),
         "torch_version": payload.get("torch_version"),
-        "created": payload.get("created"),
+        "created": payload.get("created", created),
         "format_version": payload["format_version"],
     }
 
@@ -298,6 +260,8 @@ def apply_state(payload: Mapping[str, Any], path: Path, state: Mapping[str, Any]
     """Hand each object in ``state`` its saved state (strict: every name must be there)."""
     saved = payload["state"]
     state = state or {}
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping of names to objects, got {type(state).__name__}")
     missing = [name for name in state if name not in saved]
     if missing and strict:
         raise CheckpointError(
@@ -306,7 +270,8 @@ def apply_state(payload: Mapping[str, Any], path: Path, state: Mapping[str, Any]
         )
     for name, obj in state.items():
         if name not in saved:
-            _log.warning("checkpoint %s holds no %r; left as it is", path, name)
+            warnings.warn(f"checkpoint {path} holds no {name!r}; left as it is",
+                          UserWarning, stacklevel=3)
             continue
         target = unwrap(obj) if isinstance(obj, nn.Module) else obj
         if not callable(getattr(target, "load_state_dict", None)):
@@ -315,9 +280,13 @@ def apply_state(payload: Mapping[str, Any], path: Path, state: Mapping[str, Any]
                 "comes back in the returned metadata's 'extra'"
             )
         if isinstance(target, nn.Module):
-            target.load_state_dict(saved[name], strict=strict)
-        else:
+            load_module_state(target, saved[name], strict=strict, path=path, name=name)
+            continue
+        try:
             target.load_state_dict(saved[name])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
+            raise CheckpointError(path, f"state[{name!r}] does not load into the "
+                                  f"{type(target).__name__}: {error}") from error
     if restore_rng:
         set_rng_state(payload["rng"])
 
@@ -329,21 +298,32 @@ def load_checkpoint(
     map_location: Any = "cpu",
     strict: bool = True,
     restore_rng: bool = False,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load a checkpoint safely and hand each object in ``state`` its saved state.
 
-    The file is read with ``torch.load(..., weights_only=True)``: a pickle that would run
-    code is refused before anything runs. Models may be wrapped (DDP, ``torch.compile``)
-    or not, whichever way they were saved.
+    The file's digest is checked first, so a single flipped bit is reported, never
+    loaded. Its records are checked next (a compressed record, or one claiming more
+    bytes than the file holds, is refused before anything is allocated), then it is
+    read with ``torch.load(..., weights_only=True)``: a pickle that would run code is
+    refused before anything runs. Models may be wrapped (DDP, ``torch.compile``) or
+    not, whichever way they were saved; a ``module.`` / ``_orig_mod.`` prefix in the
+    file is removed, and a pruned model's checkpoint re-creates its pruning masks in a
+    freshly built model (:func:`~torchkit.restore_pruning`).
 
     Args:
         path: The checkpoint file.
         state: Names mapped to objects with ``load_state_dict`` (model, optimizer, ...).
         map_location: Where to put the tensors, as for :func:`torch.load`.
-        strict: Require every name in ``state`` to be in the file, and models' keys to
-            match exactly. With ``False`` missing names are skipped with a warning.
+        strict: Require every name in ``state`` to be in the file (the file may hold
+            more) and models' keys and shapes to match exactly; a mismatch raises
+            ``CheckpointError`` listing the missing and unexpected keys. With ``False``
+            what matches is loaded and a warning lists everything that did not.
         restore_rng: Also restore the RNG states saved with the checkpoint, so random
             draws continue exactly as they would have after the save.
+        verify: Check the file's digest (default). ``False`` skips it: only for a file
+            you know is intact and want to read a little faster, or to salvage what a
+            damaged file still holds.
 
     Returns:
         The metadata: ``step``, ``epoch``, ``metrics``, ``extra`` (the plain data that
@@ -351,8 +331,9 @@ def load_checkpoint(
         wrote it and ``created`` (UTC, ISO 8601).
 
     Raises:
-        CheckpointError: If the file is missing, truncated, corrupt, not a torchkit
-            checkpoint, unsafe to unpickle, or (strict) lacks a requested name.
+        CheckpointError: If the file is missing, truncated, corrupt (digest mismatch),
+            not a torchkit checkpoint, unsafe to unpickle or to allocate, or (strict)
+            lacks a requested name or does not fit an object.
 
     Example:
         >>> import tempfile, pathlib
@@ -367,6 +348,6 @@ def load_checkpoint(
         checkpoint ...ckpt.pt: holds no 'optimizer'; it holds 'model' (pass strict=False ...)
     """
     path = Path(path)
-    payload = read_checkpoint(path, map_location=map_location)
+    payload = read_checkpoint(path, map_location=map_location, verify=verify)
     apply_state(payload, path, state, strict=strict, restore_rng=restore_rng)
     return metadata(payload, path)

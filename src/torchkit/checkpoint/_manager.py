@@ -7,25 +7,25 @@ import logging
 import math
 import os
 import re
-import tempfile
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from torchkit._utils import check_keys
+from torchkit._utils import TMP_MARK, atomic_write, check_keys
+from torchkit.checkpoint._errors import CheckpointError
 from torchkit.checkpoint._files import (
-    TMP_MARK,
-    CheckpointError,
     PathLike,
-    _fsync_directory,
     _metrics,
     apply_state,
+    build_payload,
     metadata,
-    read_checkpoint,
-    save_checkpoint,
+    write_payload,
 )
+from torchkit.checkpoint._integrity import read_checkpoint
+from torchkit.checkpoint._snapshot import BackgroundWriter, snapshot
 
 __all__ = ["CheckpointManager"]
 
@@ -38,6 +38,7 @@ INDEX_FORMAT = "torchkit.checkpoint-index"
 @dataclass
 class _Entry:
     step: int
+    seq: int
     epoch: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -45,18 +46,32 @@ class _Entry:
 class CheckpointManager:
     """Keep numbered checkpoints in ``directory``: save, find, load, and delete old ones.
 
-    Each :meth:`save` writes ``<prefix>-<step>.pt`` atomically (see
-    :func:`save_checkpoint`) and then applies one retention policy: the ``keep_last``
-    newest checkpoints and the ``keep_best`` best ones by ``monitor`` are kept, the rest
-    deleted. The newest checkpoint and, with a ``monitor``, the best one are never
-    deleted. A small ``index.json`` (written atomically) remembers steps and metrics so
-    a new manager on the same directory — after a restart — sees the same latest and
-    best; the directory listing stays the source of truth, so a lost or corrupt index
-    loses nothing. Temporary files left by a crashed writer are removed on start.
+    Each :meth:`save` writes ``<prefix>-<step>.pt`` atomically and verified (see
+    :func:`save_checkpoint`) and numbers it with a per-directory save sequence that only
+    grows. Retention follows that order, not step numbers: the ``keep_last`` most
+    recently written checkpoints and the ``keep_best`` best ones by ``monitor`` are
+    kept, the rest deleted; the file just written and the best one are never deleted.
+    :meth:`latest` is the most recently written checkpoint, so after a resume from an
+    older file (``resume="best"``, a path, or a fallback past a corrupt newest file)
+    the saves that follow form a new branch that ``latest`` follows, and the abandoned
+    branch's files age out like any others. A small ``index.json`` (written
+    atomically) remembers the sequence, steps and metrics, so a new manager on the same
+    directory sees the same latest and best; the files themselves record their sequence
+    too, so a lost or corrupt index loses nothing. Names read from the index or a saved
+    manager state are plain file names of this manager inside ``directory``, else
+    :class:`CheckpointError`: nothing outside it is ever read or deleted. Temporary
+    files left by a crashed writer are removed on start.
+
+    With ``async_save=True``, :meth:`save` copies the state to host memory (a snapshot:
+    the only time the training loop waits) and returns; a background thread writes,
+    fsyncs and renames it, then applies retention. At most one save is in flight: the
+    next :meth:`save`, :meth:`wait`, :meth:`load` or the end of the process waits for
+    it, and an error in the background is raised by that next call. The bytes written
+    are the same as a synchronous save's.
 
     Args:
         directory: Where checkpoints live; created if missing.
-        keep_last: How many of the newest checkpoints to keep; ``None`` keeps all.
+        keep_last: How many of the most recent checkpoints to keep; ``None`` keeps all.
         keep_best: How many of the best checkpoints by ``monitor`` to keep besides.
         monitor: The metric that ranks checkpoints (e.g. ``"val_loss"``); checkpoints
             saved without it are never "best".
@@ -64,10 +79,13 @@ class CheckpointManager:
         prefix: The file name prefix.
         durable: fsync every write (see :func:`save_checkpoint`).
         checksum: Write zip CRC-32s (see :func:`save_checkpoint`).
+        async_save: Write in a background thread after a snapshot (see above).
 
     Raises:
         ValueError: If an option is out of range, or ``keep_best`` is set without a
             ``monitor``.
+        TypeError: If ``directory`` is not a path.
+        CheckpointError: If the directory's index names a file outside the directory.
 
     Example:
         >>> import tempfile
@@ -76,12 +94,17 @@ class CheckpointManager:
         >>> model = nn.Linear(2, 1)
         >>> for step, loss in [(10, 0.5), (20, 0.2), (30, 0.4), (40, 0.3)]:
         ...     _ = manager.save({"model": model}, step=step, metrics={"val_loss": loss})
-        >>> [p.name for p in manager.checkpoints()]  # 2 newest + the best
+        >>> [p.name for p in manager.checkpoints()]  # 2 most recent + the best
         ['checkpoint-000000020.pt', 'checkpoint-000000030.pt', 'checkpoint-000000040.pt']
         >>> manager.best().name
         'checkpoint-000000020.pt'
         >>> manager.load("latest", {"model": model})["step"]
         40
+        >>> _ = manager.load("best", {"model": model})  # go back: a new branch starts
+        >>> manager.save({"model": model}, step=25).name  # the newest, though step 25
+        'checkpoint-000000025.pt'
+        >>> manager.latest().name
+        'checkpoint-000000025.pt'
     """
 
     def __init__(
@@ -95,7 +118,11 @@ class CheckpointManager:
         prefix: str = "checkpoint",
         durable: bool = True,
         checksum: bool = False,
+        async_save: bool = False,
     ) -> None:
+        if not isinstance(directory, str | os.PathLike):
+            raise TypeError(f"directory must be a path (str or os.PathLike), got "
+                            f"{type(directory).__name__}")
         errors = []
         if keep_last is not None and (not _is_int(keep_last) or keep_last < 1):
             errors.append(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
@@ -103,10 +130,17 @@ class CheckpointManager:
             errors.append(f"keep_best must be an int >= 0, got {keep_best!r}")
         elif keep_best > 0 and monitor is None:
             errors.append(f"keep_best={keep_best} needs monitor= (the metric to rank by)")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            errors.append(f"monitor must be a metric name (a non-empty str) or None, got "
+                          f"{monitor!r}")
         if mode not in ("min", "max"):
             errors.append(f"mode must be 'min' or 'max', got {mode!r}")
         if not isinstance(prefix, str) or not re.fullmatch(r"[\w.-]+", prefix):
             errors.append(f"prefix must be a non-empty file-name-safe string, got {prefix!r}")
+        for name, flag in (("durable", durable), ("checksum", checksum),
+                           ("async_save", async_save)):
+            if not isinstance(flag, bool):
+                errors.append(f"{name} must be True or False, got {flag!r}")
         if errors:
             raise ValueError("; ".join(errors))
         self.directory = Path(directory)
@@ -117,9 +151,13 @@ class CheckpointManager:
         self.prefix = prefix
         self.durable = durable
         self.checksum = checksum
+        self.async_save = async_save
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.pt")
+        self._lock = threading.RLock()  # the background writer updates the entries too
+        self._writer = BackgroundWriter()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
+        self._next_seq = 0
         self._entries: dict[str, _Entry] = self._scan()
 
     def _path(self, step: int) -> Path:
@@ -138,21 +176,48 @@ class CheckpointManager:
             metrics: Numbers to record; ``monitor`` among them ranks the checkpoint.
 
         Returns:
-            The path written.
+            The path written (with ``async_save``: the path being written; it is
+            complete after :meth:`wait`).
 
         Raises:
             ValueError: If ``step`` is not an int >= 0.
+            OSError: If the disk is full or the directory read-only (errno and path);
+                nothing already saved is touched. With ``async_save``, the error of
+                the previous background save.
         """
         if not _is_int(step) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self._writer.wait()  # at most one save in flight; its error surfaces here
         values = _metrics(metrics)
-        path = save_checkpoint(self._path(step), state, step=step, epoch=epoch,
-                               metrics=values, durable=self.durable, checksum=self.checksum)
-        self._entries[path.name] = _Entry(step, epoch, values)
-        self._apply_retention()
-        self._write_index()
-        _log.info("saved checkpoint %s", path)
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        payload = build_payload(state, step=step, epoch=epoch, metrics=values, seq=seq)
+        path = self._path(step)
+        entry = _Entry(step, seq, epoch, values)
+        if not self.async_save:
+            self._write(payload, path, entry)
+            return path
+        copied, ready = snapshot(payload)
+
+        def job() -> None:
+            ready()
+            self._write(copied, path, entry)
+
+        self._writer.submit(job)
         return path
+
+    def wait(self) -> None:
+        """Wait for an asynchronous save in flight; raise its error, if it failed."""
+        self._writer.wait()
+
+    def _write(self, payload: Any, path: Path, entry: _Entry) -> None:
+        write_payload(payload, path, durable=self.durable, checksum=self.checksum)
+        with self._lock:
+            self._entries[path.name] = entry
+            self._apply_retention(protect=path.name)
+            self._write_index()
+        _log.info("saved checkpoint %s", path)
 
     def refresh(self) -> None:
         """Look at the directory again: pick up checkpoints another process wrote.
@@ -160,15 +225,17 @@ class CheckpointManager:
         Under DDP only rank 0 writes; the other ranks' managers call this (``Trainer``
         does, before resuming) to see the same checkpoints.
         """
-        self._entries = self._scan()
+        self._writer.wait()
+        with self._lock:
+            self._entries = self._scan()
 
     def checkpoints(self) -> list[Path]:
-        """Return the paths of the checkpoints on disk, oldest step first."""
-        return [self.directory / name for name in self._by_step()]
+        """Return the paths of the checkpoints on disk, in the order they were written."""
+        return [self.directory / name for name in self._by_seq()]
 
     def latest(self) -> Path | None:
-        """Return the checkpoint with the highest step, or ``None`` if there is none."""
-        names = self._by_step()
+        """Return the most recently written checkpoint, or ``None`` if there is none."""
+        names = self._by_seq()
         return self.directory / names[-1] if names else None
 
     def best(self) -> Path | None:
@@ -188,13 +255,14 @@ class CheckpointManager:
         map_location: Any = "cpu",
         strict: bool = True,
         restore_rng: bool = False,
+        verify: bool = True,
     ) -> dict[str, Any]:
         """Load the ``"latest"`` or ``"best"`` checkpoint (or a path) into ``state``.
 
         For ``"latest"`` and ``"best"``, a file that cannot be read (truncated by a full
-        disk, corrupted) is skipped with a warning naming it, and the next candidate (the
-        previous step, or the next best) is loaded instead. Arguments after ``state`` are
-        as for :func:`load_checkpoint`.
+        disk, corrupted: its digest does not match) is skipped with a warning naming
+        it, and the next candidate (the one written before it, or the next best) is
+        loaded instead. Arguments after ``state`` are as for :func:`load_checkpoint`.
 
         Returns:
             The checkpoint's metadata, as :func:`load_checkpoint` returns it.
@@ -202,21 +270,24 @@ class CheckpointManager:
         Raises:
             CheckpointError: If there is no checkpoint, or none that can be read.
         """
+        self._writer.wait()
         if which == "latest":
-            candidates = list(reversed(self._by_step()))
+            candidates = list(reversed(self._by_seq()))
         elif which == "best":
             candidates = self._ranked()
-        else:
+        elif isinstance(which, str | os.PathLike):
             path = Path(which)
-            payload = read_checkpoint(path, map_location=map_location)
+            payload = read_checkpoint(path, map_location=map_location, verify=verify)
             apply_state(payload, path, state, strict=strict, restore_rng=restore_rng)
             return metadata(payload, path)
+        else:
+            raise TypeError(f"which must be 'latest', 'best' or a path, got {which!r}")
         if not candidates:
             raise CheckpointError(self.directory, f"holds no {which} checkpoint to load")
         for name in candidates:
             path = self.directory / name
             try:
-                payload = read_checkpoint(path, map_location=map_location)
+                payload = read_checkpoint(path, map_location=map_location, verify=verify)
             except CheckpointError as error:
                 warnings.warn(f"skipping unreadable {which} checkpoint: {error}",
                               RuntimeWarning, stacklevel=2)
@@ -229,19 +300,29 @@ class CheckpointManager:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the index: each checkpoint's file name, step, epoch and metrics."""
-        return {"entries": [
-            {"file": name, "step": e.step, "epoch": e.epoch, "metrics": dict(e.metrics)}
-            for name, e in sorted(self._entries.items())
-        ]}
+        """Return the index: the next sequence number and each checkpoint's entry."""
+        with self._lock:
+            return {"next_seq": self._next_seq, "entries": [
+                {"file": name, "step": e.step, "seq": e.seq, "epoch": e.epoch,
+                 "metrics": dict(e.metrics)}
+                for name, e in sorted(self._entries.items(), key=lambda kv: kv[1].seq)
+            ]}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore index entries for checkpoints that are still on disk."""
-        check_keys(state_dict, expected={"entries"}, owner=type(self).__name__)
-        for item in state_dict["entries"]:
-            if (self.directory / item["file"]).is_file():
-                self._entries[item["file"]] = _Entry(item["step"], item["epoch"],
-                                                     dict(item["metrics"]))
+        """Restore index entries for checkpoints that are still on disk.
+
+        Raises:
+            CheckpointError: If an entry names anything but a checkpoint file of this
+                manager inside its directory (``../x``, an absolute path, ...).
+        """
+        check_keys(state_dict, expected={"entries", "next_seq"}, owner=type(self).__name__)
+        entries = self._parse_entries(state_dict["entries"], where="the loaded state")
+        with self._lock:
+            for name, entry in entries.items():
+                if (self.directory / name).is_file():
+                    self._entries[name] = entry
+            self._next_seq = max([self._next_seq, _as_int(state_dict["next_seq"]),
+                                  *(e.seq + 1 for e in self._entries.values())])
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({os.fspath(self.directory)!r}, keep_last="
@@ -250,87 +331,129 @@ class CheckpointManager:
 
     # -- internals -------------------------------------------------------------------
 
-    def _by_step(self) -> list[str]:
-        return sorted(self._entries, key=lambda name: self._entries[name].step)
+    def _by_seq(self) -> list[str]:
+        with self._lock:
+            return sorted(self._entries, key=lambda name: self._entries[name].seq)
 
     def _ranked(self) -> list[str]:
         if self.monitor is None:
             raise ValueError("best checkpoints need CheckpointManager(monitor=...)")
         monitor, sign = self.monitor, (1.0 if self.mode == "min" else -1.0)
-        scored = [(sign * e.metrics[monitor], e.step, name) for name, e in self._entries.items()
-                  if monitor in e.metrics and math.isfinite(e.metrics[monitor])]
-        return [name for _, _, name in sorted(scored)]  # ties: the earlier step wins
+        with self._lock:
+            scored = [(sign * e.metrics[monitor], e.seq, name)
+                      for name, e in self._entries.items()
+                      if monitor in e.metrics and math.isfinite(e.metrics[monitor])]
+        return [name for _, _, name in sorted(scored)]  # ties: the earlier save wins
 
-    def _apply_retention(self) -> None:
-        by_step = self._by_step()
-        keep = set(by_step if self.keep_last is None else by_step[-self.keep_last:])
+    def _apply_retention(self, *, protect: str) -> None:
+        by_seq = self._by_seq()
+        keep = set(by_seq if self.keep_last is None else by_seq[-self.keep_last:])
+        keep.add(protect)
         if self.monitor is not None:
             keep |= set(self._ranked()[:max(self.keep_best, 1)])
         for name in set(self._entries) - keep:
+            self._check_name(name, where="retention")
             (self.directory / name).unlink(missing_ok=True)
             del self._entries[name]
             _log.debug("retention deleted checkpoint %s", name)
 
-    def _scan(self) -> dict[str, _Entry]:
+    def _check_name(self, name: Any, *, where: str) -> str:
+        if not isinstance(name, str) or self._pattern.fullmatch(name) is None \
+                or Path(name).name != name:
+            raise CheckpointError(
+                self.directory, f"{where} names {name!r}, which is not a checkpoint file "
+                f"name of this manager ('{self.prefix}-<step>.pt' inside the directory); "
+                "refusing to touch it. Delete or fix index.json if it was tampered with"
+            )
+        return name
+
+    def _parse_entries(self, items: Any, *, where: str) -> dict[str, _Entry]:
+        if not isinstance(items, list):
+            raise CheckpointError(self.directory, f"{where} has entries of type "
+                                  f"{type(items).__name__}, not a list")
         entries = {}
-        indexed = self._read_index()
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise CheckpointError(self.directory, f"{where} has an entry {item!r}")
+            name = self._check_name(item.get("file"), where=where)
+            try:
+                metrics = {str(k): float(v) for k, v in dict(item["metrics"]).items()}
+                epoch = item["epoch"]
+                entries[name] = _Entry(_as_int(item["step"]), _as_int(item["seq"]),
+                                       None if epoch is None else _as_int(epoch), metrics)
+            except (KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(self.directory, f"{where} has a malformed entry "
+                                      f"for {name!r}: {error!r}") from None
+        return entries
+
+    def _scan(self) -> dict[str, _Entry]:
+        indexed, next_seq = self._read_index()
+        entries: dict[str, _Entry] = {}
+        unnumbered: list[tuple[int, str, _Entry]] = []
         for path in self.directory.iterdir():
             match = self._pattern.fullmatch(path.name)
             if match is None or not path.is_file():
                 continue
             entry = indexed.get(path.name)
-            if entry is None:  # written after the index (a crash in between): read it
-                entry = _Entry(int(match.group(1)))
-                try:
-                    meta = metadata(read_checkpoint(path, mmap=True), path)
-                    entry = _Entry(entry.step, meta["epoch"], meta["metrics"])
-                except CheckpointError as error:
-                    _log.warning("found unreadable checkpoint %s", error)
-            entries[path.name] = entry
+            if entry is not None:
+                entries[path.name] = entry
+                continue
+            # Written after the index (a crash in between), or the index is lost: read it.
+            step, seq, epoch, metrics = int(match.group(1)), None, None, {}
+            try:
+                meta = metadata(read_checkpoint(path, mmap_tensors=True), path)
+                seq, epoch, metrics = meta["seq"], meta["epoch"], meta["metrics"]
+            except CheckpointError as error:
+                _log.warning("found unreadable checkpoint %s", error)
+            if isinstance(seq, int):
+                entries[path.name] = _Entry(step, seq, epoch, metrics)
+            else:  # a torchkit 0.1 or foreign file, or unreadable
+                unnumbered.append((step, path.name, _Entry(step, 0, epoch, metrics)))
+        # Not in the index, so written after its last update: newer than what it lists.
+        after = max([next_seq - 1, *(e.seq for e in entries.values())], default=-1)
+        for i, (_, name, entry) in enumerate(sorted(unnumbered)):
+            entry.seq = after + 1 + i
+            entries[name] = entry
+        self._next_seq = max([self._next_seq, next_seq, *(e.seq + 1 for e in entries.values())])
         return entries
 
-    def _read_index(self) -> dict[str, _Entry]:
+    def _read_index(self) -> tuple[dict[str, _Entry], int]:
         path = self.directory / INDEX
         if not path.exists():
-            return {}
+            return {}, 0
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != INDEX_FORMAT:
+            if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
                 raise ValueError("not a torchkit checkpoint index")
-            return {item["file"]: _Entry(int(item["step"]), item["epoch"],
-                                         {k: float(v) for k, v in item["metrics"].items()})
-                    for item in data["entries"]}
+            if data.get("version") == 1:  # torchkit 0.1: no sequence; the files decide
+                return {}, 0
+            items, next_seq = data["entries"], _as_int(data["next_seq"])
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             # The checkpoints themselves are the truth: rebuild from them.
             _log.warning("ignoring unreadable checkpoint index %s (%s)", path, error)
-            return {}
+            return {}, 0
+        return self._parse_entries(items, where=f"index {path}"), next_seq
 
     def _write_index(self) -> None:
-        data = {"format": INDEX_FORMAT, "version": 1, **self.state_dict()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{INDEX}{TMP_MARK}{os.getpid()}-",
-                                   dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.flush()
-                if self.durable:
-                    os.fsync(f.fileno())
-            os.replace(tmp, self.directory / INDEX)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        if self.durable:
-            _fsync_directory(self.directory)
+        data = {"format": INDEX_FORMAT, "version": 2, **self.state_dict()}
+        atomic_write(self.directory / INDEX, lambda f: json.dump(data, f, indent=1),
+                     durable=self.durable, mode="w")
 
     def _remove_stale_temporaries(self) -> None:
         for path in self.directory.iterdir():
             if not path.name.startswith(".") or TMP_MARK not in path.name:
                 continue
             pid = path.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                continue  # another live process is writing it right now
+            if pid.isdigit() and _alive(int(pid)):
+                continue  # a live process (this one: an asynchronous save) is writing it
             path.unlink(missing_ok=True)
             _log.info("removed temporary file %s left by an interrupted save", path)
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an int, got {value!r}")
+    return value
 
 
 def _is_int(value: Any) -> bool:
