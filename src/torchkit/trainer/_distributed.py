@@ -1,4 +1,4 @@
-"""Private helpers for Trainer under a process group: sharding, reductions, shared stops."""
+"""Private helpers for Trainer under a process group: sharding, reductions, gathering."""
 
 from __future__ import annotations
 
@@ -11,27 +11,23 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from torchkit.distributed import barrier, get_rank, get_world_size
+from torchkit.distributed import get_rank, get_world_size
 
-__all__ = ["barrier"]
+__all__ = ["ShardSampler", "all_reduce_sum", "any_ranks", "gather", "set_epoch", "shard"]
 
 _log = logging.getLogger("torchkit.trainer")
 
 
-world_size = get_world_size
-rank = get_rank
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (nothing without a group) and return it."""
-    if world_size() > 1:
+    if get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
 
 
 def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
     """For each flag, whether it is true on any rank: one small collective for all."""
-    if world_size() == 1:
+    if get_world_size() == 1:
         return flags
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -40,9 +36,9 @@ def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
 
 def gather(obj: Any) -> list[Any] | None:
     """Every rank's ``obj``, in rank order (``None`` without a group)."""
-    if world_size() == 1:
+    if get_world_size() == 1:
         return None
-    out: list[Any] = [None] * world_size()
+    out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
@@ -69,7 +65,7 @@ def shard(data: Iterable[Any] | None, *, train: bool, seed: int) -> Any:
     Evaluation gets a plain stride instead; other iterables are left to the user, with a
     note in the log.
     """
-    if data is None or world_size() == 1:
+    if data is None or get_world_size() == 1:
         return data
     if not isinstance(data, DataLoader):
         _log.info("under a process group, %s is not a DataLoader: each rank iterates it "
@@ -85,11 +81,11 @@ def shard(data: Iterable[Any] | None, *, train: bool, seed: int) -> Any:
     n = len(data.dataset)  # type: ignore[arg-type]
     sampler: Sampler[int]
     if train:
-        sampler = DistributedSampler(data.dataset, num_replicas=world_size(), rank=rank(),
+        sampler = DistributedSampler(data.dataset, num_replicas=get_world_size(), rank=get_rank(),
                                      shuffle=isinstance(data.sampler, RandomSampler),
                                      seed=seed)
     else:
-        sampler = ShardSampler(n, rank(), world_size())
+        sampler = ShardSampler(n, get_rank(), get_world_size())
     extra: dict[str, Any] = {}
     if data.num_workers > 0:
         extra = {"prefetch_factor": data.prefetch_factor,

@@ -1,32 +1,38 @@
-"""Private helpers for Trainer: argument checks, device choice, metric and hook lookup."""
+"""Private helpers for Trainer: option checks, device, metric names, hparams, hook dispatch."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from torchkit.callbacks import Callback
+from torchkit._utils import check_module
+from torchkit.callbacks import HOOKS, Callback
 from torchkit.checkpoint import CheckpointManager
-from torchkit.distributed import is_main_process
 
-__all__ = ["is_main_process"]
-
-HOOKS = ("on_fit_start", "on_fit_end", "on_epoch_start", "on_epoch_end",
-         "on_train_batch_start", "on_train_batch_end", "on_validation_end",
-         "on_checkpoint_save", "on_checkpoint_load", "on_exception")
+__all__ = ["Metric", "check_options", "hook_table", "named_metrics", "resolve_device",
+           "run_hparams"]
 
 Metric = Callable[[Any, Any], Any] | Any  # a callable, or an object with update/compute/reset
 
+_LOGGER_METHODS = ("log_metrics", "log_hparams", "flush")  # what fit calls on every logger
 
-def check_config(*, model: Any, optimizer: Any, precision: Any, checkpoint: Any,
-                 checkpoint_every: Any, scheduler_interval: Any, nonfinite: Any,
-                 callbacks: list[Any]) -> None:
-    """Raise one error listing every problem with Trainer's arguments."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+def check_options(*, model: Any, optimizer: Any, loss_fn: Any, scheduler: Any,
+                  precision: Any, accumulate: Any, max_grad_norm: Any, callbacks: list[Any],
+                  logger: Any, progress: Any, checkpoint: Any, checkpoint_every: Any,
+                  scheduler_interval: Any, scheduler_monitor: Any,
+                  nonfinite: Any) -> None:
+    """Check every Trainer option, naming each by its own name.
+
+    A wrong ``model``, ``optimizer`` or callback raises ``TypeError`` at once; every
+    other problem is collected into one ``ValueError``. ``device``, ``metrics`` and
+    ``seed`` are checked where they are used (:func:`resolve_device`,
+    :func:`named_metrics`, :func:`~torchkit.seed_everything`), under their own names.
+    """
+    check_module(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
     for i, cb in enumerate(callbacks):
@@ -37,23 +43,46 @@ def check_config(*, model: Any, optimizer: Any, precision: Any, checkpoint: Any,
                 "torchkit.Callback"
             )
     errors = []
+    if loss_fn is not None and not callable(loss_fn):
+        errors.append(f"loss_fn must be a callable loss_fn(outputs, targets) or None, "
+                      f"got {loss_fn!r}")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        errors.append(f"scheduler must be an LR scheduler (with step()) or None, got "
+                      f"{scheduler!r}")
     if precision not in ("32", "bf16", "16"):
         errors.append(f"precision must be '32', 'bf16' or '16', got {precision!r}")
+    if not _is_int(accumulate) or accumulate < 1:
+        errors.append(f"accumulate must be an int >= 1, got {accumulate!r}")
+    if max_grad_norm is not None and not (
+        isinstance(max_grad_norm, numbers.Real) and not isinstance(max_grad_norm, bool)
+        and float(max_grad_norm) > 0
+    ):
+        errors.append(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+    if logger is not None and not all(callable(getattr(logger, m, None))
+                                      for m in _LOGGER_METHODS):
+        errors.append(f"logger must be a torchkit Logger (with {', '.join(_LOGGER_METHODS)}) "
+                      f"or None, got {logger!r}")
+    if not isinstance(progress, bool):
+        errors.append(f"progress must be True or False, got {progress!r}")
     if checkpoint is not None and not isinstance(checkpoint, CheckpointManager):
         errors.append(f"checkpoint must be a CheckpointManager or None, got {checkpoint!r}")
-    if checkpoint_every is not None and (
-        isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
-        or checkpoint_every < 1
-    ):
+    if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1):
         errors.append(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
     if checkpoint_every is not None and checkpoint is None:
         errors.append("checkpoint_every needs checkpoint=CheckpointManager(...)")
     if scheduler_interval not in ("epoch", "step"):
         errors.append(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+    if not isinstance(scheduler_monitor, str) or not scheduler_monitor:
+        errors.append(f"scheduler_monitor must be a metric name (a non-empty str), got "
+                      f"{scheduler_monitor!r}")
     if nonfinite not in ("raise", "skip"):
         errors.append(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if errors:
         raise ValueError("; ".join(errors))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -95,11 +124,30 @@ def named_metrics(metrics: Mapping[str, Metric] | Sequence[Metric] | None) -> di
     return named
 
 
+def run_hparams(trainer: Any, epochs: int) -> dict[str, Any]:
+    """The hyper-parameters ``fit`` hands the logger at its end."""
+    group = trainer.optimizer.param_groups[0]
+    hparams: dict[str, Any] = {
+        "model": type(trainer.model).__name__, "optimizer": type(trainer.optimizer).__name__,
+        "epochs": epochs, "precision": trainer.precision,
+        "accumulate": trainer.accumulator.steps,
+        "max_grad_norm": trainer.accumulator.max_norm or 0.0,
+    }
+    for key in ("lr", "weight_decay", "momentum"):
+        if isinstance(group.get(key), int | float):
+            hparams[key] = group["initial_lr"] if key == "lr" and "initial_lr" in group \
+                else group[key]
+    return hparams
+
+
+def hook_table(callbacks: Sequence[Any]) -> dict[str, list[Any]]:
+    """For each hook of :class:`~torchkit.Callback`, the callbacks that do something in it."""
+    return {name: [cb for cb in callbacks if overrides(cb, name)] for name in HOOKS}
+
+
 def overrides(callback: Any, hook: str) -> bool:
     """Whether ``callback`` does something in ``hook`` (so the loop can skip no-op calls)."""
     method = getattr(type(callback), hook, None)
     if method is None:
         return False
     return not isinstance(callback, Callback) or method is not getattr(Callback, hook)
-
-

@@ -1,50 +1,52 @@
-"""Trainer: the everyday fit / evaluate / predict loop, composed from torchkit's pieces."""
+"""Trainer: the everyday fit / evaluate / predict loop, composed from torchkit's pieces.
+
+The loop only: loss bookkeeping (``_ledger``), stop signals (``_stops``), resume
+(``_resume``), option checks (``_setup``) and process-group helpers (``_distributed``)
+live in their own private modules beside it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from torch import nn
 
 from torchkit._batches import batch_inputs, batch_size, split_batch, to_device
-from torchkit._utils import check_keys
+from torchkit._utils import check_keys, unwrap
 from torchkit.accumulation import GradAccumulator
-from torchkit.callbacks import Callback
-from torchkit.checkpoint import CheckpointManager, load_checkpoint
-from torchkit.checkpoint._files import unwrap
+from torchkit.callbacks import Callback, TrainerView
+from torchkit.checkpoint import CheckpointManager
+from torchkit.distributed import barrier, get_world_size, is_main_process
 from torchkit.progress import ProgressBar
-from torchkit.state import get_rng_state, seed_everything, set_rng_state
+from torchkit.state import seed_everything
 from torchkit.trainer import _distributed as ddp
+from torchkit.trainer import _resume
+from torchkit.trainer._evaluation import EvalSums, unpack_step
 from torchkit.trainer._history import History
+from torchkit.trainer._ledger import make_ledger
 from torchkit.trainer._setup import (
-    HOOKS,
     Metric,
-    check_config,
-    is_main_process,
+    check_options,
+    hook_table,
     named_metrics,
-    overrides,
     resolve_device,
+    run_hparams,
 )
+from torchkit.trainer._stops import SYNC_EVERY, StopSignals
 
 __all__ = ["Trainer"]
 
 _log = logging.getLogger("torchkit.trainer")
 
-_CHECK_INTERVAL_S = 1.0
-_FOLD_EVERY = 64
-_SYNC_EVERY = 64  # under DDP, ranks share nan losses and signals every this many steps
 _NOTHING = contextlib.nullcontext()
 
-_STATE_KEYS = ("epoch", "batch_idx", "should_stop", "stop_reason", "epoch_rng", "epoch_loss",
-               "epoch_count", "history", "callbacks", "logger", "rank_rngs")
+_STATE_KEYS = ("epoch", "batch_idx", "should_stop", "stop_reason", "loss", "rng", "history",
+               "callbacks", "logger")
 
 
 class Trainer:
@@ -162,10 +164,12 @@ class Trainer:
         nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         callbacks = list(callbacks)
-        check_config(model=model, optimizer=optimizer, precision=precision,
-                     checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                     scheduler_interval=scheduler_interval, nonfinite=nonfinite,
-                     callbacks=callbacks)
+        check_options(model=model, optimizer=optimizer, loss_fn=loss_fn, scheduler=scheduler,
+                      precision=precision, accumulate=accumulate, max_grad_norm=max_grad_norm,
+                      callbacks=callbacks, logger=logger, progress=progress,
+                      checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                      scheduler_interval=scheduler_interval,
+                      scheduler_monitor=scheduler_monitor, nonfinite=nonfinite)
         if seed is not None:
             seed_everything(seed)
         self.device = resolve_device(device)
@@ -175,48 +179,32 @@ class Trainer:
                 f"device is {self.device}; use precision='bf16' on CPU"
             )
         model = model.to(self.device)
-        if ddp.world_size() > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
+        self._world = get_world_size()
+        if self._world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.model = model
-        self.seed = seed
-        self._world = ddp.world_size()
-        self.optimizer = optimizer
-        self.loss_fn = loss_fn
-        self.scheduler = scheduler
-        self.precision = precision
+        self.model, self.optimizer, self.loss_fn, self.scheduler = model, optimizer, loss_fn, \
+            scheduler
+        self.seed, self.precision = seed, precision
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "16" else None
-        # With nonfinite="raise" losses are checked in bulk (see _check_finite), so the
+        # With nonfinite="raise" losses are checked in bulk (see the ledger), so the
         # accumulator need not read its gradients' finiteness back at every step.
         self.accumulator = GradAccumulator(optimizer, accumulate, model=self.model,
                                            scaler=self.scaler, max_norm=max_grad_norm,
                                            skip_nonfinite=nonfinite == "skip")
         self.metrics = named_metrics(metrics)
-        self.callbacks = callbacks
-        self.logger = logger
-        self.progress = progress
-        self.checkpoint = checkpoint
-        self.checkpoint_every = checkpoint_every
-        self.scheduler_interval = scheduler_interval
-        self.scheduler_monitor = scheduler_monitor
+        self.callbacks, self.logger, self.progress = callbacks, logger, progress
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
         self.nonfinite = nonfinite
         self.history = History()
-        self.epoch = 0
-        self.batch_idx = 0
-        self.should_stop = False
+        self.epoch, self.batch_idx, self.should_stop = 0, 0, False
         self.stop_reason: str | None = None
-        self._hooks = {name: [cb for cb in callbacks if overrides(cb, name)] for name in HOOKS}
-        self._epoch_rng: dict[str, Any] | None = None
-        # float32, like the losses themselves: a float64 sum would add a cast to every step.
-        self._sum_dtype = torch.float32
-        self._epoch_loss = torch.zeros((), dtype=self._sum_dtype, device=self.device)
-        self._epoch_count = 0
-        self._signal: int | None = None
-        self._rank_rngs: list[Any] | None = None
-        self._signal_shared = False
-        self._pending: list[tuple[torch.Tensor, int, int, int]] = []
-        self._unchecked: list[tuple[torch.Tensor, int, int, int]] = []
-        self._next_check = 0.0
+        self._hooks = hook_table(callbacks)
+        self._ledger = make_ledger(nonfinite, device=self.device, scaled=self.scaler is not None)
+        self._stops = StopSignals()
+        self._resume_point = _resume.ResumePoint()
+        self._graph_pending = False
 
     @property
     def module(self) -> nn.Module:
@@ -287,6 +275,7 @@ class Trainer:
                 scheduler.step() (interval "epoch"; ReduceLROnPlateau with its metric)
                 history.append(record); logger.log_metrics(record, step=epoch)
                 on_epoch_end                         # EarlyStopping may set should_stop
+                (under DDP: every rank learns of any rank's should_stop and signal)
                 epoch += 1; checkpoint
             logger.log_hparams; on_fit_end
             (on any exception: on_exception, then it propagates)
@@ -310,7 +299,8 @@ class Trainer:
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-        resume_rng = self._resume(resume) if resume is not None else None
+        if resume is not None:
+            self._restore(resume)
         seed = 0 if self.seed is None else self.seed
         sharded = ddp.shard(train_data, train=True, seed=seed)
         # A DistributedSampler gives every rank the same count per batch: the weights
@@ -322,74 +312,67 @@ class Trainer:
             callable(getattr(self.logger, "log_graph", None))
         self._call("on_fit_start")
         try:
-            with self._signal_handlers():
+            with self._stops.installed():
                 while self.epoch < epochs and not self.should_stop:
-                    self._run_epoch(train_data, val_data, epochs, resume_rng)
-                    resume_rng = None
+                    self._run_epoch(train_data, val_data, epochs)
         except BaseException as error:
             self._call("on_exception", error)
             raise
         if self.should_stop:
             _log.info("stopped early after epoch %d: %s", self.epoch, self.stop_reason)
         if self.logger is not None and is_main_process() and self.history.records:
-            self.logger.log_hparams(self._hparams(epochs), self._final_metrics())
+            final = {k: float(v) for k, v in self.history.records[-1].items()
+                     if k not in ("epoch", "lr")}
+            self.logger.log_hparams(run_hparams(self, epochs), final)
             self.logger.flush()
         self._call("on_fit_end")
         return self.history
 
     def _run_epoch(self, train_data: Iterable[Any], val_data: Iterable[Any] | None,
-                   epochs: int, resume_rng: dict[str, Any] | None) -> None:
-        start = self.batch_idx if resume_rng is not None else 0
-        if resume_rng is None:
-            # Capture the RNG before the DataLoader draws its shuffle, so a mid-epoch
-            # resume can replay the same order.
-            self._epoch_rng = get_rng_state()
-            self._epoch_loss.zero_()
-            self._epoch_count = 0
-            self._pending, self._unchecked = [], []
-        elif self._epoch_rng is not None:
-            set_rng_state(self._epoch_rng)
+                   epochs: int) -> None:
+        # Before the DataLoader draws its shuffle: record the RNG (or, resumed, replay it).
+        start = self._resume_point.begin_epoch()
+        if not start:
+            self._ledger.open_epoch()
         lr = self.optimizer.param_groups[0]["lr"]
         self._call("on_epoch_start")
         self.model.train()
         total = len(train_data) if isinstance(train_data, Sized) else None
         with ProgressBar(total, desc=f"epoch {self.epoch + 1}/{epochs}",
                          enabled=self.progress and is_main_process()) as bar:
-            ddp.set_epoch(train_data, self.epoch)
-            iterator = iter(train_data)
-            for _ in range(start):
-                next(iterator)  # consumed before the crash: same order, not trained again
-            if start:
-                bar.update(start)
-            if resume_rng is not None:
-                set_rng_state(resume_rng)  # and the randomness continues from the save
-            for batch in iterator:
+            for batch in self._batches(train_data, start, bar):
                 self._train_batch(batch)
-                bar.update(1, self._running_metrics)
+                bar.update(1, self._ledger.running)
             if self.accumulator.micro_step:
-                self._end_window(self.accumulator.flush())
-            self._fold()
-            if self.nonfinite == "raise":
-                self._check_finite()
-            metrics = self._epoch_metrics(val_data, lr)
+                self._end_window(self.accumulator.flush())  # the epoch's partial window
+            self._check_losses()
+            train_loss = self._ledger.close_epoch()  # over all ranks
+            metrics = {} if train_loss is None else {"train_loss": train_loss}
+            metrics.update(self._validate(val_data))
+            metrics["lr"] = float(lr)
+            self._step_scheduler(metrics)
             bar.set_metrics(metrics)
         self.history.append({"epoch": self.epoch, **metrics})
         if self.logger is not None and is_main_process():
             self.logger.log_metrics(metrics, step=self.epoch)
         self._call("on_epoch_end", metrics)
-        if self._world > 1:  # every rank stops together, whoever decided
-            stop_any, signal_any = ddp.any_ranks([self.should_stop, self._signal is not None],
-                                                 self.device)
-            if stop_any and not self.should_stop:
-                self.should_stop, self.stop_reason = True, "another rank decided to stop"
-            if signal_any:
-                self._signal, self._signal_shared = self._signal or signal.SIGTERM, True
+        self._sync_stops()  # every rank stops together, whoever decided
         self.epoch += 1
         self.batch_idx = 0
-        if self.checkpoint is not None:
-            self._save(metrics)
-        if self._signal is not None:  # it came during validation: the epoch is saved
+        self._save(metrics)
+        if self._stops.signum is not None:  # it came during validation: the epoch is saved
             self._stop_on_signal(save=False)
+
+    def _batches(self, train_data: Iterable[Any], start: int, bar: ProgressBar) -> Iterator[Any]:
+        """This epoch's batches; a resumed epoch skips the ``start`` it already trained."""
+        ddp.set_epoch(train_data, self.epoch)
+        iterator = iter(train_data)
+        for _ in range(start):
+            next(iterator)  # consumed before the crash: same order, not trained again
+        if start:
+            bar.update(start)
+        self._resume_point.picked_up()  # and the randomness continues from the save
+        return iterator
 
     def _train_batch(self, batch: Any) -> None:
         # The hot path: every line here runs once per batch, so hooks nobody overrides
@@ -406,26 +389,14 @@ class Trainer:
         if isinstance(out, torch.Tensor):
             loss, size = out, batch_size(batch)
         else:
-            loss, _, _, size = self._unpack(out, batch)
+            loss, _, _, size = unpack_step(out, batch)
         stepped = accumulator.backward(loss, batch_size=size or None)
-        loss = loss.detach()
-        if self.nonfinite == "skip":
-            self._window_loss().add_(loss, alpha=size)
-        else:
-            # Kept, not summed, per step: summing in chunks saves a kernel per step.
-            self._pending.append((loss, size, self.batch_idx, accumulator.num_steps))
-            if len(self._pending) >= _FOLD_EVERY:
-                self._fold()
-        self._window_size += size
+        self._ledger.add(loss.detach(), size, self.batch_idx, accumulator.num_steps)
         self.batch_idx += 1
         if hooks["on_train_batch_end"]:
             self._call("on_train_batch_end", batch, self.batch_idx - 1)
         if accumulator.micro_step == 0:
             self._end_window(stepped)
-
-    _window_size = 0
-    _window: torch.Tensor | None = None
-    _graph_pending = False
 
     def _log_graph(self, batch: Any) -> None:
         self._graph_pending = False
@@ -436,122 +407,68 @@ class Trainer:
         if self.logger is not None:
             self.logger.log_graph(self.model, inputs)
 
-    def _window_loss(self) -> torch.Tensor:
-        if self._window is None:
-            self._window = torch.zeros((), dtype=self._sum_dtype, device=self.device)
-        return self._window
-
     def _end_window(self, stepped: bool) -> None:
         """After an optimizer step (or a skipped one): bookkeeping, scheduler, saves, signals."""
-        size, self._window_size = self._window_size, 0
-        self._epoch_count += size
-        if self.nonfinite == "skip":
-            if stepped:
-                self._epoch_loss.add_(self._window_loss())
-            else:
-                self._epoch_count -= size
-                self._on_skipped()
-            self._window_loss().zero_()
-        if self._world > 1:
-            if self.global_step % _SYNC_EVERY == 0:
-                self._check_finite()  # at fixed steps, so ranks agree; shares signals too
-        elif self.nonfinite == "raise" and time.monotonic() >= self._next_check:
-            self._check_finite()
-        if stepped and self.scheduler_interval == "step" and self.scheduler is not None \
-                and not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step()
+        self._ledger.end_window(stepped, epoch=self.epoch, batch_idx=self.batch_idx - 1,
+                                step=self.global_step)
+        # Under DDP at fixed steps, so ranks agree; alone, when a bulk loss check is due.
+        if self.global_step % SYNC_EVERY == 0 if self._world > 1 else self._ledger.due():
+            self._sync_stops()
+        if stepped and self.scheduler is not None:
+            self._step_scheduler(None)
         every = self.checkpoint_every
-        if self.checkpoint is not None and every and self.global_step % every == 0:
+        if every and self.global_step % every == 0:
             self._save(None)
-        if self._signal is not None and (self._world == 1 or self._signal_shared):
+        if self._stops.ready():
             self._stop_on_signal()
 
-    def _fold(self) -> None:
-        """Add the pending losses to the epoch's sum (at fixed points, so sums are exact)."""
-        if not self._pending:
-            return
-        self._epoch_loss.add_(self._pending_sum())
-        self._unchecked.extend(self._pending)
-        self._pending = []
+    def _check_losses(self) -> None:
+        """Fold the pending losses; raise if one was nan/inf (when checked in bulk)."""
+        self._ledger.fold()  # on every rank, at fixed points, so the sums are exact
+        if self._ledger.checks_in_bulk:
+            self._sync_stops()
 
-    def _check_finite(self) -> None:
-        """Raise if a loss since the last check was nan/inf (nonfinite="raise").
+    def _sync_stops(self) -> None:
+        """The one cross-rank stop check: should_stop, a signal and a nan loss, shared."""
+        nonfinite = self._ledger.nonfinite()
+        stop_any, nonfinite_any = self._stops.sync(should_stop=self.should_stop,
+                                                   nonfinite=nonfinite, device=self.device)
+        if stop_any and not self.should_stop:
+            self.should_stop, self.stop_reason = True, "another rank decided to stop"
+        if nonfinite_any:
+            raise self._ledger.error(self.epoch, here=nonfinite)
 
-        Losses are checked in bulk about once a second, before every checkpoint and at
-        the end of each epoch, not at every step: one host read instead of one per step.
-        """
-        self._next_check = time.monotonic() + _CHECK_INTERVAL_S
-        entries, self._unchecked = self._unchecked + self._pending, []
-        finite = torch.isfinite(torch.stack([e[0] for e in entries])) if entries else None
-        bad_here = finite is not None and not bool(finite.all())
-        if self._world > 1:  # one collective shares both a nan loss and a pending signal
-            bad_any, signal_any = ddp.any_ranks([bad_here, self._signal is not None],
-                                                self.device)
-            if signal_any:
-                self._signal, self._signal_shared = self._signal or signal.SIGTERM, True
-        else:
-            bad_any = bad_here
-        if not bad_any:
-            return
-        if finite is None or not bad_here:
-            raise FloatingPointError(f"the loss became nan/inf on another rank in epoch "
-                                     f"{self.epoch}; see that rank's error")
-        _, _, batch_idx, step = entries[int(torch.nonzero(~finite)[0])]
-        raise FloatingPointError(
-            f"the loss became nan/inf at epoch {self.epoch}, batch {batch_idx}, optimizer "
-            f"step {step}. Lower the learning rate, clip gradients (max_grad_norm=...), or "
-            "pass nonfinite='skip' to skip such steps"
-        )
-
-    def _on_skipped(self) -> None:
-        window = self._window_loss()
-        if self.scaler is not None and bool(torch.isfinite(window)):
-            return  # a GradScaler overflow: the scaler lowers its scale and goes on
-        _log.warning("skipped the optimizer step at epoch %d, batch %d, optimizer step %d: "
-                     "nan/inf loss or gradients", self.epoch, self.batch_idx - 1,
-                     self.global_step)
-
-    def _running_metrics(self) -> dict[str, float]:
-        count = self._epoch_count + self._window_size
-        if not count:
+    def _validate(self, val_data: Iterable[Any] | None) -> dict[str, float]:
+        """Evaluate ``val_data`` (if given), then call ``on_validation_end``."""
+        if val_data is None:
             return {}
-        total = self._epoch_loss
-        if self._pending:  # one host read for the whole chunk, not one per pending loss
-            total = total + self._pending_sum()
-        return {"loss": float(total) / count}
-
-    def _pending_sum(self) -> torch.Tensor:
-        """The sample-weighted sum of the pending losses, on the device."""
-        losses = torch.stack([p[0] for p in self._pending]).to(self._sum_dtype)
-        sizes = torch.tensor([p[1] for p in self._pending], dtype=self._sum_dtype,
-                             device=losses.device)
-        return torch.dot(losses, sizes)
-
-    def _epoch_metrics(self, val_data: Iterable[Any] | None, lr: float) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        totals = ddp.all_reduce_sum(torch.stack([
-            self._epoch_loss.detach().clone(),
-            torch.tensor(float(self._epoch_count), dtype=self._sum_dtype, device=self.device),
-        ]))  # over all ranks' samples (DistributedSampler's padding included, as trained)
-        if totals[1] > 0:
-            metrics["train_loss"] = float(totals[0] / totals[1])
-        if val_data is not None:
-            val = self.evaluate(val_data)
-            metrics.update(val)
-            self._call("on_validation_end", val)
-        metrics["lr"] = float(lr)
-        if self.scheduler is not None:
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if self.scheduler_monitor not in metrics:
-                    raise KeyError(
-                        f"ReduceLROnPlateau watches scheduler_monitor="
-                        f"{self.scheduler_monitor!r}, but this epoch's metrics are "
-                        f"{sorted(metrics)}; pass val_data or another scheduler_monitor"
-                    )
-                self.scheduler.step(metrics[self.scheduler_monitor])
-            elif self.scheduler_interval == "epoch":
-                self.scheduler.step()
+        metrics = self.evaluate(val_data)
+        self._call("on_validation_end", metrics)
         return metrics
+
+    def _step_scheduler(self, metrics: Mapping[str, float] | None) -> None:
+        """The scheduler rule, after an optimizer step (``metrics=None``) or an epoch.
+
+        Interval ``"step"`` steps after each optimizer step, ``"epoch"`` after each epoch;
+        ``ReduceLROnPlateau`` steps only after an epoch, with ``scheduler_monitor``.
+        """
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if metrics is None:
+            if self.scheduler_interval == "step" and not plateau:
+                scheduler.step()
+        elif plateau:
+            if self.scheduler_monitor not in metrics:
+                raise KeyError(
+                    f"ReduceLROnPlateau watches scheduler_monitor={self.scheduler_monitor!r}, "
+                    f"but this epoch's metrics are {sorted(metrics)}; pass val_data or "
+                    "another scheduler_monitor"
+                )
+            scheduler.step(metrics[self.scheduler_monitor])
+        elif self.scheduler_interval == "epoch":
+            scheduler.step()
 
     # -- evaluate and predict -------------------------------------------------------------
 
@@ -577,59 +494,16 @@ class Trainer:
         data = ddp.shard(data, train=False, seed=0)
         was_training = self.model.training
         self.model.eval()
-        loss_sum = torch.zeros((), dtype=self._sum_dtype, device=self.device)
-        sums = {name: torch.zeros_like(loss_sum) for name, m in self.metrics.items()
-                if not hasattr(m, "update")}
-        for metric in self.metrics.values():
-            if hasattr(metric, "reset"):
-                metric.reset()
-        count, has_loss = 0, False
+        sums = EvalSums(self.metrics, self.device)
         try:
             for batch in data:
                 batch = to_device(batch, self.device)
                 with self._autocast():
                     out = self.eval_step(batch)
-                loss, outputs, targets, size = self._unpack(out, batch)
-                if loss is not None:
-                    loss_sum.add_(loss.detach(), alpha=size)
-                    has_loss = True
-                self._update_metrics(sums, outputs, targets, size)
-                count += size
+                sums.add(*unpack_step(out, batch))
         finally:
             self.model.train(was_training)
-        names = list(sums)
-        totals = ddp.all_reduce_sum(torch.stack([
-            loss_sum, torch.tensor(float(count), dtype=loss_sum.dtype, device=self.device),
-            torch.tensor(float(has_loss), dtype=loss_sum.dtype, device=self.device),
-            *[sums[name] for name in names],
-        ])).tolist()
-        count, has_loss = int(totals[1]), totals[2] > 0
-        if count == 0:
-            raise ValueError("evaluate() got no samples: the data is empty")
-        reduced = dict(zip(names, totals[3:]))
-        results = {f"{prefix}_loss": totals[0] / count} if has_loss else {}
-        for name, metric in self.metrics.items():
-            value = reduced[name] / count if name in reduced else metric.compute()
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, int | float):
-                results[f"{prefix}_{name}"] = float(value)
-        return results
-
-    def _update_metrics(self, sums: dict[str, torch.Tensor], outputs: Any, targets: Any,
-                        size: int) -> None:
-        if not self.metrics:
-            return
-        if outputs is None or targets is None:
-            raise ValueError(
-                "metrics need outputs and targets: return a dict with 'outputs' and "
-                "'targets' from eval_step"
-            )
-        for name, metric in self.metrics.items():
-            if name in sums:
-                sums[name].add_(torch.as_tensor(metric(outputs, targets)).detach(), alpha=size)
-            else:
-                metric.update(outputs, targets)
+        return sums.results(prefix)
 
     @torch.no_grad()
     def predict(self, data: Iterable[Any]) -> torch.Tensor:
@@ -654,19 +528,6 @@ class Trainer:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _unpack(self, out: Any, batch: Any) -> tuple[Any, Any, Any, int]:
-        if type(out) is dict and "loss" in out and "batch_size" not in out:  # the default step
-            return out["loss"], out.get("outputs"), out.get("targets"), batch_size(batch)
-        if isinstance(out, torch.Tensor):
-            return out, None, None, batch_size(batch)
-        if not isinstance(out, Mapping) or "loss" not in out:
-            raise TypeError(
-                f"a step must return the loss tensor or a dict with 'loss', got "
-                f"{type(out).__name__}"
-            )
-        size = out.get("batch_size") or batch_size(batch)
-        return out["loss"], out.get("outputs"), out.get("targets"), int(size)
-
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "32":
             return _NOTHING
@@ -674,151 +535,78 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _call(self, hook: str, *args: Any) -> None:
+        trainer: TrainerView = self  # mypy checks that hooks get all they may read
         for callback in self._hooks[hook]:
-            getattr(callback, hook)(self, *args)
-
-    def _hparams(self, epochs: int) -> dict[str, Any]:
-        group = self.optimizer.param_groups[0]
-        hparams: dict[str, Any] = {
-            "model": type(self.model).__name__, "optimizer": type(self.optimizer).__name__,
-            "epochs": epochs, "precision": self.precision,
-            "accumulate": self.accumulator.steps,
-            "max_grad_norm": self.accumulator.max_norm or 0.0,
-        }
-        for key in ("lr", "weight_decay", "momentum"):
-            if isinstance(group.get(key), int | float):
-                hparams[key] = group["initial_lr"] if key == "lr" and "initial_lr" in group \
-                    else group[key]
-        return hparams
-
-    def _final_metrics(self) -> dict[str, float]:
-        last = self.history.records[-1]
-        return {k: float(v) for k, v in last.items() if k not in ("epoch", "lr")}
+            getattr(callback, hook)(trainer, *args)
 
     # -- checkpoints, resume and signals ---------------------------------------------------
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer}
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler
-        if self.scaler is not None:
-            state["scaler"] = self.scaler
-        state["accumulator"] = self.accumulator
-        state["trainer"] = self
-        return state
 
     def _save(self, metrics: Mapping[str, float] | None) -> None:
         if self.checkpoint is None:
             return
-        self._fold()  # on every rank, so the saved sums are complete
-        if self.nonfinite == "raise":
-            self._check_finite()  # never save weights that a nan step has already ruined
+        self._check_losses()  # never save weights that a nan step has already ruined
         state = self._checkpoint_state()
         self._call("on_checkpoint_save", state)
-        # Every rank's RNG, so each continues its own stream after a resume.
-        self._rank_rngs = ddp.gather((get_rng_state(), self._epoch_rng))
+        self._resume_point.capture(mid_epoch=self.batch_idx > 0)  # every rank's RNG
         if is_main_process():
             self.checkpoint.save(state, step=self.global_step, epoch=self.epoch, metrics=metrics)
-        ddp.barrier()  # no rank goes on (or reads it) before the file is complete
+        barrier()  # no rank goes on (or reads it) before the file is complete
 
-    def _resume(self, resume: str | Path) -> dict[str, Any] | None:
-        state = self._checkpoint_state()
-        if resume in ("latest", "best"):
-            if self.checkpoint is None:
-                raise ValueError(
-                    f"resume={resume!r} needs Trainer(checkpoint=CheckpointManager(...)); "
-                    "or pass the path of a checkpoint file"
-                )
-            self.checkpoint.refresh()  # under DDP only rank 0 saved: see what it wrote
-            if self.checkpoint.latest() is None:
-                _log.info("no checkpoint in %s yet: starting from scratch",
-                          self.checkpoint.directory)
-                return None
-            meta = self.checkpoint.load(str(resume), state, restore_rng=True)
-        else:
-            meta = load_checkpoint(resume, state, restore_rng=True)
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return _resume.checkpoint_state(model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, scaler=self.scaler,
+                                        accumulator=self.accumulator, trainer=self)
+
+    def _restore(self, resume: str | Path) -> None:
+        meta = _resume.load(resume, self.checkpoint, self._checkpoint_state(),
+                            self._resume_point)
+        if meta is None:
+            return
         _log.info("resumed from %s (epoch %d, step %d)", meta["path"], self.epoch,
                   self.global_step)
-        if self._rank_rngs is not None and len(self._rank_rngs) == self._world:
-            rng, self._epoch_rng = self._rank_rngs[ddp.rank()]
-            set_rng_state(rng)
+        self._resume_point.restore(batch_idx=self.batch_idx)
         self._call("on_checkpoint_load", meta)
-        return get_rng_state() if self.batch_idx else None
 
-    @contextlib.contextmanager
-    def _signal_handlers(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop right now
-            self._signal = signum
-            _log.warning("received %s: finishing the optimizer step, then saving and "
-                         "stopping", signal.Signals(signum).name)
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, old in previous.items():
-                signal.signal(s, old)
-
-    def _stop_on_signal(self, *, save: bool = True) -> None:
-        signum, self._signal, self._signal_shared = self._signal, None, False
-        if save and self.checkpoint is not None:
+    def _stop_on_signal(self, *, save: bool = True) -> NoReturn:
+        signum = self._stops.take()
+        if save:
             self._save(None)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + int(signum or signal.SIGTERM))
+        raise self._stops.exit_for(signum)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the training progress, history, callbacks' and logger's state.
 
         The model, optimizer, scheduler, scaler and accumulator are saved beside it
-        under their own names (see ``fit``'s checkpoints).
+        under their own names (see ``fit``'s checkpoints); ``rng`` holds one RNG record
+        per rank, so each continues its own stream after a resume.
         """
-        self._fold()
         return {
             "epoch": self.epoch,
             "batch_idx": self.batch_idx,
             "should_stop": self.should_stop,
             "stop_reason": self.stop_reason,
-            "epoch_rng": self._epoch_rng,
-            "epoch_loss": self._epoch_loss.detach().to("cpu", copy=True),
-            "epoch_count": self._epoch_count,
+            "loss": self._ledger.state_dict(),
+            "rng": self._resume_point.state_dict(),
             "history": self.history.state_dict(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "logger": None if self.logger is None else self.logger.state_dict(),
-            "rank_rngs": self._rank_rngs,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned.
+        """Restore what :meth:`state_dict` returned (or what torchkit 0.1.0 saved).
 
         Raises:
             ValueError: If the number of callbacks differs from the saved run.
         """
+        state_dict = _resume.upgrade_legacy(state_dict)  # what torchkit 0.1.0 saved, too
         check_keys(state_dict, expected=_STATE_KEYS, owner=type(self).__name__)
-        saved_callbacks = state_dict["callbacks"]
-        if len(saved_callbacks) != len(self.callbacks) and not any(saved_callbacks):
-            saved_callbacks = [{} for _ in self.callbacks]  # none had state: nothing to lose
-        if len(saved_callbacks) != len(self.callbacks):
-            raise ValueError(
-                f"the checkpoint has state for {len(saved_callbacks)} callbacks but this "
-                f"Trainer has {len(self.callbacks)}; pass the same callbacks, in order"
-            )
-        for callback, cb_state in zip(self.callbacks, saved_callbacks):
-            callback.load_state_dict(cb_state)
+        _resume.load_callbacks(self.callbacks, state_dict["callbacks"])
         if self.logger is not None and state_dict["logger"] is not None:
             self.logger.load_state_dict(state_dict["logger"])
         self.epoch = state_dict["epoch"]
         self.batch_idx = state_dict["batch_idx"]
         self.should_stop = state_dict["should_stop"]
         self.stop_reason = state_dict["stop_reason"]
-        self._epoch_rng = state_dict["epoch_rng"]
-        self._epoch_loss = state_dict["epoch_loss"].to(self.device, self._sum_dtype)
-        self._epoch_count = state_dict["epoch_count"]
-        self._rank_rngs = state_dict["rank_rngs"]
+        self._ledger.load_state_dict(state_dict["loss"])
+        self._resume_point.load_state_dict(state_dict["rng"])
         self.history.load_state_dict(state_dict["history"])

@@ -1,0 +1,102 @@
+"""Private: what Trainer.evaluate sums on the device and reduces over ranks; step outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torchkit._batches import batch_size
+from torchkit.trainer import _distributed as ddp
+from torchkit.trainer._ledger import SUM_DTYPE
+
+__all__ = ["EvalSums", "unpack_step"]
+
+
+def unpack_step(out: Any, batch: Any) -> tuple[Any, Any, Any, int]:
+    """Split what a step returned into ``(loss, outputs, targets, batch size)``.
+
+    Example:
+        >>> loss, outputs, targets, size = unpack_step(torch.tensor(0.5), torch.ones(4, 2))
+        >>> loss, outputs, size
+        (tensor(0.5000), None, 4)
+    """
+    if type(out) is dict and "loss" in out and "batch_size" not in out:  # the default step
+        return out["loss"], out.get("outputs"), out.get("targets"), batch_size(batch)
+    if isinstance(out, torch.Tensor):
+        return out, None, None, batch_size(batch)
+    if not isinstance(out, Mapping) or "loss" not in out:
+        raise TypeError(
+            f"a step must return the loss tensor or a dict with 'loss', got "
+            f"{type(out).__name__}"
+        )
+    size = out.get("batch_size") or batch_size(batch)
+    return out["loss"], out.get("outputs"), out.get("targets"), int(size)
+
+
+class EvalSums:
+    """Sample-weighted sums of the loss and the metrics over one evaluation, on the device.
+
+    Callable metrics are summed here; objects with ``update/compute/reset`` are reset at
+    the start and computed at the end. :meth:`results` reduces the sums over ranks in
+    one collective and reads them on the host once.
+
+    Example:
+        >>> sums = EvalSums({}, torch.device("cpu"))
+        >>> sums.add(torch.tensor(1.0), None, None, 3)
+        >>> sums.add(torch.tensor(3.0), None, None, 1)
+        >>> sums.results("val")
+        {'val_loss': 1.5}
+    """
+
+    def __init__(self, metrics: Mapping[str, Any], device: torch.device) -> None:
+        self.metrics = metrics
+        self.device = device
+        self.loss = torch.zeros((), dtype=SUM_DTYPE, device=device)
+        self.sums = {name: torch.zeros_like(self.loss) for name, m in metrics.items()
+                     if not hasattr(m, "update")}
+        for metric in metrics.values():
+            if hasattr(metric, "reset"):
+                metric.reset()
+        self.count, self.has_loss = 0, False
+
+    def add(self, loss: torch.Tensor | None, outputs: Any, targets: Any, size: int) -> None:
+        """Add one batch: its mean loss (if any), outputs and targets, over ``size`` samples."""
+        if loss is not None:
+            self.loss.add_(loss.detach(), alpha=size)
+            self.has_loss = True
+        if self.metrics:
+            if outputs is None or targets is None:
+                raise ValueError(
+                    "metrics need outputs and targets: return a dict with 'outputs' and "
+                    "'targets' from eval_step"
+                )
+            for name, metric in self.metrics.items():
+                if name in self.sums:
+                    self.sums[name].add_(torch.as_tensor(metric(outputs, targets)).detach(),
+                                         alpha=size)
+                else:
+                    metric.update(outputs, targets)
+        self.count += size
+
+    def results(self, prefix: str) -> dict[str, float]:
+        """The means over every rank's samples: ``{f"{prefix}_loss": ..., ...}``."""
+        names = list(self.sums)
+        totals = ddp.all_reduce_sum(torch.stack([
+            self.loss, torch.tensor(float(self.count), dtype=SUM_DTYPE, device=self.device),
+            torch.tensor(float(self.has_loss), dtype=SUM_DTYPE, device=self.device),
+            *[self.sums[name] for name in names],
+        ])).tolist()
+        count, has_loss = int(totals[1]), totals[2] > 0
+        if count == 0:
+            raise ValueError("evaluate() got no samples: the data is empty")
+        reduced = dict(zip(names, totals[3:]))
+        results = {f"{prefix}_loss": totals[0] / count} if has_loss else {}
+        for name, metric in self.metrics.items():
+            value = reduced[name] / count if name in reduced else metric.compute()
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, int | float):
+                results[f"{prefix}_{name}"] = float(value)
+        return results
