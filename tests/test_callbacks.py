@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
 import torchkit as tk
+from torchkit.callbacks import TrainerView
 
 HOOKS = [
     "on_fit_start", "on_fit_end", "on_epoch_start", "on_epoch_end", "on_train_batch_start",
@@ -19,11 +25,37 @@ def test_every_documented_hook_exists_and_takes_the_trainer_first():
         assert params[:2] == ["self", "trainer"], name
 
 
+def test_the_trainer_calls_exactly_the_hooks_of_callback(tmp_path):
+    on_methods = {name for name in dir(tk.Callback) if name.startswith("on_")}
+    assert set(HOOKS) == on_methods == set(tk.callbacks.HOOKS)
+
+    called = []
+
+    class Every(tk.Callback):
+        pass
+
+    for name in on_methods:  # override every hook; each records that it ran
+        setattr(Every, name, lambda self, trainer, *args, _name=name: called.append(_name))
+    model = nn.Linear(2, 1)
+    data = [(torch.ones(2, 2), torch.zeros(2, 1))]
+    trainer = tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
+                         callbacks=[Every()], progress=False,
+                         checkpoint=tk.CheckpointManager(tmp_path))
+    assert set(trainer._hooks) == on_methods
+    assert isinstance(trainer, TrainerView)
+    trainer.fit(data, data, epochs=1)
+    resumed = tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
+                         callbacks=[Every()], progress=False,
+                         checkpoint=tk.CheckpointManager(tmp_path))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # on_exception
+        resumed.fit([(torch.ones(2, 3), torch.zeros(2, 1))], epochs=2, resume="latest")
+    assert set(called) == on_methods
+
+
 def test_default_hooks_do_nothing():
     cb = tk.Callback()
     checkpoint = {"model": 1}
-    assert cb.on_fit_start(object()) is None
-    assert cb.on_checkpoint_save(object(), checkpoint) is None
+    cb.on_checkpoint_save(object(), checkpoint)
     assert checkpoint == {"model": 1}
     assert cb.state_dict() == {}
     cb.load_state_dict({})

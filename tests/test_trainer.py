@@ -427,3 +427,33 @@ def test_a_signal_during_validation_stops_after_the_epoch_is_saved(tmp_path):
     assert (state["epoch"], state["batch_idx"]) == (1, 0)  # the finished epoch, saved once
     assert len(manager.checkpoints()) == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"accumulate": 0}, ValueError, "accumulate must be an int >= 1, got 0"),
+        ({"accumulate": 2.0}, ValueError, "accumulate must be an int >= 1, got 2.0"),
+        ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm must be a positive number or None"),
+        ({"max_grad_norm": True}, ValueError, "max_grad_norm must be a positive number or None"),
+        ({"loss_fn": "mse"}, ValueError, "loss_fn must be a callable"),
+        ({"scheduler": 0.1}, ValueError, r"scheduler must be an LR scheduler \(with step\(\)\)"),
+        ({"logger": "tb"}, ValueError, "logger must be a torchkit Logger"),
+        ({"progress": "yes"}, ValueError, "progress must be True or False, got 'yes'"),
+        ({"scheduler_monitor": ""}, ValueError, "scheduler_monitor must be a metric name"),
+        ({"seed": "0"}, TypeError, "seed must be an int"),
+    ],
+)
+def test_every_option_is_checked_under_its_own_name(kwargs, error, message):
+    model = nn.Linear(4, 1)
+    kwargs = {"loss_fn": F.mse_loss, "progress": False, **kwargs}
+    with pytest.raises(error, match=message):
+        tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_one_error_lists_every_bad_option():
+    with pytest.raises(ValueError) as info:
+        linear_trainer(accumulate=0, progress=None, nonfinite="warn")
+    assert str(info.value) == ("accumulate must be an int >= 1, got 0; progress must be True "
+                               "or False, got None; nonfinite must be 'raise' or 'skip', got "
+                               "'warn'")

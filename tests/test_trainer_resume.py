@@ -174,3 +174,51 @@ def test_stateless_callbacks_need_not_match_on_resume(tmp_path):
     again = make(tmp_path)
     again.fit(loader(), epochs=2, resume="latest")
     assert again.epoch == 2
+
+
+class Grab:
+    """Takes whatever state it is given (to read one entry of a checkpoint as data)."""
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def test_a_checkpoint_in_the_0_1_0_layout_still_resumes_bitwise(tmp_path):
+    """0.1.0 kept the trainer's RNG at the save in the file's own record, the epoch's start
+    RNG and the loss sums under other names; such a checkpoint must still resume exactly."""
+    torch.manual_seed(5)
+    straight = make(tmp_path / "a", [Crash(-1)])
+    straight.fit(loader(), epochs=3)
+    torch.manual_seed(5)
+    crashed = make(tmp_path / "b", [Crash(4)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit(loader(), epochs=3)
+    # Rewrite its latest checkpoint (step 3, mid-epoch, mid-window) as 0.1.0 wrote it.
+    pieces, grab = make(tmp_path / "scratch"), Grab()
+    latest = crashed.checkpoint.latest()
+    tk.load_checkpoint(latest, {"model": pieces.model, "optimizer": pieces.optimizer,
+                                "accumulator": pieces.accumulator, "trainer": grab})
+    new = grab.state
+    assert new["batch_idx"] > 0 and len(new["rng"]) == 1
+    old = {k: new[k] for k in ("epoch", "batch_idx", "should_stop", "stop_reason", "history",
+                               "callbacks", "logger")}
+    old.update(epoch_rng=new["rng"][0]["epoch_rng"], epoch_loss=new["loss"]["loss"],
+               epoch_count=new["loss"]["count"], rank_rngs=None)
+    tk.set_rng_state(new["rng"][0]["rng"])  # what the file's own RNG record then held
+    legacy = tk.save_checkpoint(tmp_path / "legacy.pt", {
+        "model": pieces.model, "optimizer": pieces.optimizer,
+        "accumulator": pieces.accumulator, "trainer": old})
+    torch.manual_seed(123)
+    resumed = make(tmp_path / "c", [Crash(-1)])
+    history = resumed.fit(loader(), epochs=3, resume=legacy)
+    assert_bitwise_equal(resumed.model.state_dict(), straight.model.state_dict())
+    assert history.records == straight.history.records
+
+
+def test_a_checkpoint_holds_one_rng_record_per_rank(tmp_path):
+    trainer = make(tmp_path)
+    trainer.fit(loader(), epochs=1)
+    state = torch.load(trainer.checkpoint.latest(), weights_only=True)["state"]["trainer"]
+    assert [sorted(r) for r in state["rng"]] == [["epoch_rng", "rng"]]
+    assert state["rng"][0]["epoch_rng"] is None  # saved at an epoch's end: nothing to replay
+    assert "epoch_rng" not in state and "rank_rngs" not in state
