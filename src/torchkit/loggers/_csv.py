@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import torch
 
-from torchkit._utils import check_keys
+from torchkit._utils import atomic_write, check_keys
 from torchkit.loggers._base import Logger, check_metrics
 
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ class CSVLogger(Logger):
             self._file.flush()
         if not self.path.exists():
             return [], []
-        with self.path.open(newline="") as handle:
+        with self.path.open(newline="", encoding="utf-8") as handle:
             lines = list(csv.reader(handle))
         if not lines:
             return [], []
@@ -128,20 +127,15 @@ class CSVLogger(Logger):
             self._file = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         width = 1 + len(columns)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w", newline="") as handle:
-                writer = csv.writer(handle, lineterminator="\n")
-                writer.writerow(["step", *columns])
-                writer.writerows(row + [""] * (width - len(row)) for row in rows)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        def write(handle: IO[Any]) -> None:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["step", *columns])
+            writer.writerows(row + [""] * (width - len(row)) for row in rows)
+
+        atomic_write(self.path, write, mode="w")
         self._columns = list(columns)
-        self._file = self.path.open("a", newline="")
+        self._file = self.path.open("a", newline="", encoding="utf-8")  # as atomic_write
         return self._file
 
     def flush(self) -> None:
