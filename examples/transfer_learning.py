@@ -1,12 +1,13 @@
 """Transfer learning, the classic full recipe, on an ImageFolder tree of digits.
 
-Writes scikit-learn's digits as PNG files in ``<out>/data/{train,val}/<class>/``, then:
-the classic augmentation pipeline, a torchvision ResNet-18, ``tk.freeze`` +
-``tk.replace_head``, Adam on ``tk.trainable_parameters`` with StepLR, ``Trainer.fit``
-keeping the best checkpoint, a prediction for one image file, and two PNGs: the
-confusion matrix (``tk.ConfusionMatrix.plot``) and the misclassified samples.
+Writes scikit-learn's digits as PNG files in ``<out>/data/{train,valid}/<class>/``, then:
+``tk.vision.image_folder_loaders`` with the classic augmentation pipeline, a torchvision
+ResNet-18, ``tk.freeze`` + ``tk.replace_head``, Adam on ``tk.trainable_parameters`` with
+StepLR, ``Trainer.fit`` keeping the best checkpoint, ``tk.vision.predict_image`` for one
+image file, the macro F1, and two PNGs: the confusion matrix (``tk.ConfusionMatrix.plot``)
+and the misclassified samples (``tk.misclassified`` + ``tk.plot_samples``).
 
-    pip install "torchkit[plot]" torchvision scikit-learn
+    pip install -e ".[plot,vision]" scikit-learn   # in a clone (README: Install)
     python examples/transfer_learning.py                    # offline: random init
     python examples/transfer_learning.py --weights DEFAULT  # ImageNet weights (downloads)
     python examples/transfer_learning.py --smoke            # seconds, for CI
@@ -21,23 +22,19 @@ import argparse
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader
-from torchvision import datasets, models, transforms
+from torchvision import models
 
 import torchkit as tk
 
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, for its weights
-
 
 def write_image_folder(root: Path, size: int, per_class: int | None) -> None:
-    """Save the digits as RGB PNGs, upscaled to ``size`` px: a train/val ImageFolder."""
+    """Save the digits as RGB PNGs, upscaled to ``size`` px: a train/valid ImageFolder."""
     x, y = load_digits(return_X_y=True)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).tolist()
-    for split, indices in {"train": perm[:1400], "val": perm[1400:]}.items():
+    for split, indices in {"train": perm[:1400], "valid": perm[1400:]}.items():
         written = [0] * 10
         for i in indices:
             if per_class is not None and written[y[i]] == per_class:
@@ -48,41 +45,6 @@ def write_image_folder(root: Path, size: int, per_class: int | None) -> None:
             pixels = (x[i].reshape(8, 8) * (255 / 16)).astype("uint8")
             image = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR)
             image.convert("RGB").save(folder / f"{i:04d}.png")
-
-
-def transforms_for(size: int) -> tuple[transforms.Compose, transforms.Compose]:
-    train = transforms.Compose([
-        transforms.Resize(size + size // 8),
-        transforms.RandomRotation(10),
-        transforms.CenterCrop(size),
-        # transforms.RandomHorizontalFlip(): left out on purpose. It is the classic
-        # choice for photos, but a mirrored 2, 3 or 7 is not that digit any more.
-        transforms.ColorJitter(brightness=0.3, contrast=0.3),
-        transforms.RandomGrayscale(p=0.1),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
-    val = transforms.Compose([
-        transforms.Resize(size + size // 8), transforms.CenterCrop(size),
-        transforms.ToTensor(), transforms.Normalize(MEAN, STD),
-    ])
-    return train, val
-
-
-def plot_misclassified(val_set: datasets.ImageFolder, preds: torch.Tensor, path: Path) -> int:
-    """Save up to 16 misclassified validation images with true/predicted labels."""
-    targets = torch.tensor(val_set.targets)
-    wrong = (preds != targets).nonzero().flatten()[:16].tolist()
-    rows = max(1, -(-len(wrong) // 4))
-    fig = Figure(figsize=(8, 2.2 * rows), layout="tight")  # not pyplot: no display needed
-    for slot, i in enumerate(wrong):
-        ax = fig.add_subplot(rows, 4, slot + 1)
-        ax.imshow(Image.open(val_set.samples[i][0]))
-        ax.set_title(f"true {val_set.classes[targets[i]]}, "
-                     f"pred {val_set.classes[preds[i]]}", fontsize=8)
-        ax.axis("off")
-    fig.savefig(path)
-    return int((preds != targets).sum())
 
 
 def main() -> None:
@@ -99,15 +61,16 @@ def main() -> None:
     tk.seed_everything(0)
     data = args.out / "data"
     write_image_folder(data, size, per_class=3 if args.smoke else None)
-    train_tf, val_tf = transforms_for(size)
-    train_set = datasets.ImageFolder(data / "train", transform=train_tf)
-    val_set = datasets.ImageFolder(data / "val", transform=val_tf)
-    train_loader = DataLoader(train_set, batch_size=32, shuffle=True)
-    val_loader = DataLoader(val_set, batch_size=128)
+    # The classic recipe (resize, rotate, crop, jitter, grayscale, normalise with
+    # ImageNet's statistics) but no horizontal flip: a mirrored 2, 3 or 7 is no digit.
+    augment = tk.vision.classification_transforms(size, train=True, hflip=0.0)
+    train_loader, val_loader, classes = tk.vision.image_folder_loaders(
+        data, size=size, batch_size=32, train_transform=augment)
+    val_set = val_loader.dataset
 
     model = models.resnet18(weights=args.weights)  # None: random init, no download
     tk.freeze(model, exclude=None if args.train == "none" else args.train)
-    tk.replace_head(model, len(train_set.classes))  # a new, trainable fc layer
+    tk.replace_head(model, len(classes))  # a new, trainable fc layer
     print(f"trainable parameters: {tk.count_parameters(model, trainable_only=True):,}")
     optimizer = torch.optim.Adam(tk.trainable_parameters(model), lr=1e-3)
     checkpoints = tk.CheckpointManager(args.out / "checkpoints", keep_last=1, keep_best=1,
@@ -125,19 +88,21 @@ def main() -> None:
 
     # Predict one image from disk, exactly as a user's new image would be.
     path = Path(val_set.samples[0][0])
-    batch = val_tf(Image.open(path).convert("RGB")).unsqueeze(0)  # (1, 3, size, size)
-    model.eval()
-    with torch.no_grad():
-        probs = model(batch.to(trainer.device)).softmax(1)[0]
-    print(f"{path.name}: predicted {val_set.classes[probs.argmax()]} "
-          f"(p={probs.max():.2f}), true {path.parent.name}")
+    top = tk.vision.predict_image(model, path, val_set.transform, classes=classes, topk=3)
+    print(f"{path.name}: true {path.parent.name}, predicted "
+          f"{', '.join(f'{name} (p={p:.2f})' for name, p in top)}")
 
-    outputs = trainer.predict(val_loader)
-    cm = tk.ConfusionMatrix(len(val_set.classes))
-    cm.update(outputs, torch.tensor(val_set.targets))
-    cm.plot(args.out / "confusion_matrix.png", class_names=val_set.classes)
-    wrong = plot_misclassified(val_set, outputs.argmax(1), args.out / "misclassified.png")
-    print(f"{wrong} of {len(val_set)} validation images misclassified; "
+    cm = tk.ConfusionMatrix(len(classes))
+    cm.update(trainer.predict(val_loader), torch.tensor(val_set.targets))
+    cm.plot(args.out / "confusion_matrix.png", class_names=classes)
+    print(f"macro F1 {cm.f1():.3f}; per-class recall {cm.recall(None).tolist()}")
+    wrong = tk.misclassified(model, val_loader)
+    shown = {key: value[:16] for key, value in wrong.items()}
+    tk.plot_samples(shown["inputs"], mean=tk.vision.IMAGENET_MEAN, std=tk.vision.IMAGENET_STD,
+                    titles=[f"true {classes[t]}, pred {classes[p]}"
+                            for t, p in zip(shown["targets"], shown["preds"])],
+                    ncols=4, path=args.out / "misclassified.png")
+    print(f"{len(wrong['indices'])} of {len(val_set)} validation images misclassified; "
           f"plots in {args.out}/confusion_matrix.png and misclassified.png")
 
 

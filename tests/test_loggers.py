@@ -10,10 +10,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from tensorboard.summary.writer import event_file_writer
@@ -119,20 +121,116 @@ def test_tensorboard_hparams_go_into_the_same_run(tmp_path):
     assert scalars(tmp_path)["hparam/val_acc"] == [(4, pytest.approx(0.9))]
 
 
-def test_tensorboard_graph_only_when_asked(tmp_path):
+def test_tensorboard_graph_written_whenever_called(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    with tk.TensorBoardLogger(tmp_path / "on", log_graph=True) as logger:
-        assert logger.log_graph(model, torch.randn(2, 4)) is True
-    with tk.TensorBoardLogger(tmp_path / "off") as logger:
-        assert logger.log_graph(model, torch.randn(2, 4)) is False
+    for option in (True, False):
+        # log_graph= only decides whether Trainer logs the graph by itself (graph_on_fit);
+        # an explicit call always writes it.
+        with tk.TensorBoardLogger(tmp_path / str(option), log_graph=option) as logger:
+            assert logger.graph_on_fit is option
+            assert logger.log_graph(model, torch.randn(2, 4)) is True
+        events = EventAccumulator(str(tmp_path / str(option)))
+        events.Reload()
+        assert events.Tags()["graph"] is True
+        ops = {node.op for node in events.Graph().node}
+        assert any("Linear" in op or "linear" in op for op in ops)
+    with tk.TensorBoardLogger(tmp_path / "none") as logger:
         logger.log_metrics({"a": 1.0}, 0)
-    graph_on = EventAccumulator(str(tmp_path / "on"))
-    graph_on.Reload()
-    ops = {node.op for node in graph_on.Graph().node}
-    assert any("Linear" in op or "linear" in op for op in ops)
-    graph_off = EventAccumulator(str(tmp_path / "off"))
-    graph_off.Reload()
-    assert graph_off.Tags()["graph"] is False
+    events = EventAccumulator(str(tmp_path / "none"))
+    events.Reload()
+    assert events.Tags()["graph"] is False
+
+
+def decode(event) -> Image.Image:
+    return Image.open(io.BytesIO(event.encoded_image_string))
+
+
+def test_tensorboard_everything_written_reads_back(tmp_path):
+    """Images, histograms, figures, the graph, scalars and hparams, all in one run."""
+    from matplotlib.figure import Figure
+
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 2))
+    inputs = torch.rand(3, 1, 6, 6)
+    model(inputs).sum().backward()
+    fig = Figure(figsize=(2, 1.5), dpi=50)
+    fig.add_subplot().plot([0, 1], [1, 0])
+    with tk.TensorBoardLogger(tmp_path) as logger:
+        logger.log_metrics({"loss": 0.5}, step=1)
+        logger.log_images("inputs", inputs, step=1)
+        with tk.capture(model, "1") as feats:
+            model(inputs)
+        logger.log_images("relu", tk.feature_grid(feats["1"], ncols=3), step=2)
+        logger.log_images("one", (inputs[0] * 255).to(torch.uint8), step=2)
+        tags = logger.log_histograms(model, step=3)
+        logger.log_histograms(model, step=4, include="0", grads=False)
+        logger.log_figure("curve", fig, step=3)
+        logger.log_graph(model, inputs)
+        logger.log_hparams({"lr": 0.1}, {"acc": 0.75})
+        assert logger.state_dict() == {"step": 4}
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    found = events.Tags()
+    assert set(found["images"]) == {"inputs", "relu", "one", "curve"}
+    (relu,) = events.Images("relu")
+    assert relu.step == 2
+    with decode(relu) as image:  # one image per sample, tiled side by side by TensorBoard
+        assert image.format == "PNG" and image.height == 2 * (4 + 1) - 1
+    (one,) = events.Images("one")
+    with decode(one) as image:
+        pixels = torch.tensor(np.asarray(image.convert("L")), dtype=torch.float32)
+        torch.testing.assert_close(pixels, (inputs[0, 0] * 255).to(torch.uint8).float())
+    (curve,) = events.Images("curve")
+    assert (curve.step, curve.width, curve.height) == (3, 100, 75)
+    assert tags == ["parameters/0.weight", "gradients/0.weight", "parameters/0.bias",
+                    "gradients/0.bias", "parameters/3.weight", "gradients/3.weight",
+                    "parameters/3.bias", "gradients/3.bias"]
+    assert set(found["histograms"]) == set(tags)
+    weight = model[0].weight.detach()
+    (histogram,) = events.Histograms("parameters/0.weight")[:1]
+    value = histogram.histogram_value
+    assert value.num == weight.numel()
+    assert (value.min, value.max) == pytest.approx((float(weight.min()), float(weight.max())))
+    assert value.sum == pytest.approx(float(weight.sum()), abs=1e-5)
+    assert [h.step for h in events.Histograms("parameters/0.weight")] == [3, 4]
+    assert [h.step for h in events.Histograms("gradients/0.weight")] == [3]
+    assert events.Histograms("gradients/0.weight")[0].histogram_value.sum == pytest.approx(
+        float(model[0].weight.grad.sum()), abs=1e-4)
+    assert found["graph"] is True
+    assert scalars(tmp_path)["loss"] == [(1, 0.5)]
+    assert scalars(tmp_path)["hparam/acc"] == [(4, 0.75)]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+def test_tensorboard_image_histogram_figure_errors(tmp_path):
+    with tk.TensorBoardLogger(tmp_path) as logger:
+        with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\], got values "
+                                             r"in \[-1, 2\]; undo the normalisation"):
+            logger.log_images("x", torch.tensor([-1.0, 2.0]).view(1, 1, 1, 2), step=0)
+        with pytest.raises(ValueError, match=r"with C = 1 or 3, got \(2, 8, 4, 4\); show a "
+                                             r"feature map with tk.feature_grid"):
+            logger.log_images("x", torch.rand(2, 8, 4, 4), step=0)
+        with pytest.raises(TypeError, match=r"log_images: tag must be a non-empty string, got "
+                                            r"''; step must be an int >= 0, got -1"):
+            logger.log_images("", torch.rand(1, 3, 2, 2), step=-1)
+        with pytest.raises(TypeError, match="images must be a tensor, got list"):
+            logger.log_images("x", [0.5], step=0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="figure must be a matplotlib Figure, got str"):
+            logger.log_figure("fig", "figure", step=0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
+            logger.log_histograms({}, step=0)  # type: ignore[arg-type]
+        net = nn.Linear(2, 2)
+        with pytest.raises(ValueError, match=r"include 'wieght' matched no parameter of Linear; "
+                                             r"did you mean weight"):
+            logger.log_histograms(net, step=0, include="wieght")
+        with torch.no_grad():
+            net.bias[0] = math.nan
+        with pytest.raises(ValueError, match="non-finite values in parameters/bias; nothing "
+                                             "was written"):
+            logger.log_histograms(net, step=0)
+        assert logger.state_dict() == {"step": None}
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert not events.Tags()["images"] and not events.Tags()["histograms"]
 
 
 def log_run(logger, records):

@@ -326,3 +326,68 @@ def test_plot_errors(monkeypatch):
 def test_metric_protocol():
     assert isinstance(tk.ConfusionMatrix(2), tk.Metric)
     assert not isinstance(tk.accuracy, tk.Metric)
+
+
+# --- precision, recall, F1 ------------------------------------------------------------
+
+
+def sklearn_scores(pairs, c):
+    """scikit-learn's scores: per class (nan where undefined) and averaged over the classes
+    that occur, an undefined score counting 0 (torchmetrics' convention too)."""
+    import numpy as np
+    from sklearn import metrics
+
+    y_true, y_pred = (np.array(column) for column in zip(*pairs))
+    present = np.unique(np.concatenate([y_true, y_pred]))
+    scores = {}
+    for kind, fn in (("precision", metrics.precision_score), ("recall", metrics.recall_score),
+                     ("f1", metrics.f1_score)):
+        scores[kind, None] = fn(y_true, y_pred, labels=list(range(c)), average=None,
+                                zero_division=np.nan)
+        scores[kind, "macro"] = fn(y_true, y_pred, labels=present, average="macro",
+                                   zero_division=0)
+        scores[kind, "micro"] = fn(y_true, y_pred, average="micro", zero_division=0)
+    return scores
+
+
+@given(batches=batches_st)
+def test_precision_recall_f1_match_sklearn(batches):
+    matrix = tk.ConfusionMatrix(5)
+    for batch in batches:
+        targets, preds = (torch.tensor(column) for column in zip(*batch))
+        matrix.update(preds, targets)
+    pairs = [pair for batch in batches for pair in batch]
+    expected = sklearn_scores(pairs, 5)
+    for (kind, average), value in expected.items():
+        got = getattr(matrix, kind)(average)
+        assert got.dtype == torch.float32 and got.shape == ((5,) if average is None else ())
+        torch.testing.assert_close(got, torch.tensor(value, dtype=torch.float32),
+                                   equal_nan=True, msg=f"{kind}({average!r})")
+    accuracy = sum(t == p for t, p in pairs) / len(pairs)
+    for kind in ("precision", "recall", "f1"):  # micro averages of single-label data
+        assert getattr(matrix, kind)("micro").item() == pytest.approx(accuracy)
+    assert matrix.f1().item() == pytest.approx(float(expected["f1", "macro"]))  # the default
+
+
+def test_precision_recall_f1_edge_cases():
+    matrix = tk.ConfusionMatrix(3)
+    assert matrix.f1().isnan() and matrix.precision("micro").isnan()  # no samples yet
+    matrix.update(torch.tensor([0, 0]), torch.tensor([0, 0]))
+    assert matrix.f1().item() == 1.0  # classes 1 and 2 never occur: not averaged in
+    assert matrix.recall(None)[1:].isnan().all()
+    with pytest.raises(ValueError, match="average must be 'macro', 'micro' or None, got 'mean'"):
+        matrix.f1("mean")  # type: ignore[arg-type]
+    matrix.update(torch.tensor([7]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"1 sample\(s\) had a target or predicted index"):
+        matrix.precision()
+
+
+def test_plot_png_opens(tmp_path):
+    from PIL import Image
+
+    matrix = tk.ConfusionMatrix(2)
+    matrix.update(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]))
+    matrix.plot(tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").stat().st_size > 0
+    with Image.open(tmp_path / "cm.png") as image:
+        image.verify()

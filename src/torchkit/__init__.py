@@ -1,5 +1,6 @@
 """torchkit: composable, framework-free PyTorch training pieces."""
 
+from torchkit import vision as vision
 from torchkit._version import __version__
 from torchkit.accumulation import GradAccumulator
 from torchkit.callbacks import Callback
@@ -20,8 +21,10 @@ from torchkit.distributed import (
     launch,
 )
 from torchkit.early_stopping import EarlyStopping
+from torchkit.inspection import Captured, capture, feature_grid, grad_cam, misclassified
 from torchkit.loggers import CSVLogger, Logger, TensorBoardLogger
 from torchkit.metrics import ConfusionMatrix, Metric, accuracy
+from torchkit.plotting import plot_samples
 from torchkit.progress import ProgressBar
 from torchkit.pruning import PruningSchedule, prune, remove_pruning, restore_pruning, sparsity
 from torchkit.quantization import (
@@ -51,6 +54,7 @@ from torchkit.trainer import History, Trainer
 
 __all__ = [
     "CSVLogger",
+    "Captured",
     "Callback",
     "CheckpointError",
     "CheckpointManager",
@@ -72,24 +76,29 @@ __all__ = [
     "accuracy",
     "all_reduce_mean",
     "barrier",
+    "capture",
     "checkpoint_activations",
     "clip_grad_adaptive",
     "clip_grad_norm",
     "clip_grad_value",
     "convert_qat",
     "count_parameters",
+    "feature_grid",
     "find_head",
     "freeze",
     "get_rank",
     "get_rng_state",
     "get_world_size",
+    "grad_cam",
     "grad_norm",
     "insert_after",
     "insert_before",
     "is_main_process",
     "launch",
     "load_checkpoint",
+    "misclassified",
     "model_size",
+    "plot_samples",
     "prepare_qat",
     "prune",
     "quantization_report",

@@ -352,6 +352,74 @@ class ConfusionMatrix:
         counts = self._checked_counts().float()
         return counts.diagonal() / counts.sum(dim=1)
 
+    def precision(self, average: Literal["macro", "micro"] | None = "macro") -> torch.Tensor:
+        """Return precision: of the samples predicted as a class, the fraction that are it.
+
+        Args:
+            average: ``"macro"``: the mean over the classes that occur (as a target or
+                a prediction; a class never predicted counts 0); ``"micro"``: over all
+                samples (equal to accuracy for single-label data); ``None``: per class,
+                ``nan`` for a class never predicted.
+
+        Returns:
+            A float32 0-d tensor (or ``(C,)`` with ``average=None``) on the counts'
+            device; ``nan`` when no sample was seen.
+
+        Raises:
+            ValueError: If ``average`` is unknown or an index was out of range.
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(3)
+            >>> cm.update(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1]))
+            >>> cm.precision(None), cm.precision(), cm.precision("micro")
+            (tensor([0.5000, 1.0000, 0.0000]), tensor(0.5000), tensor(0.5000))
+        """
+        return self._score("precision", average)
+
+    def recall(self, average: Literal["macro", "micro"] | None = "macro") -> torch.Tensor:
+        """Return recall: of the samples of a class, the fraction predicted as it.
+
+        ``average`` as for :meth:`precision`; per class, ``nan`` for a class with no
+        samples (as :meth:`per_class_accuracy`, which is the per-class recall).
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(3)
+            >>> cm.update(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1]))
+            >>> cm.recall(None), cm.recall()
+            (tensor([1.0000, 0.3333,    nan]), tensor(0.4444))
+        """
+        return self._score("recall", average)
+
+    def f1(self, average: Literal["macro", "micro"] | None = "macro") -> torch.Tensor:
+        """Return the F1 score, ``2 * TP / (2 * TP + FP + FN)`` per class, then averaged.
+
+        ``average`` as for :meth:`precision`; per class, ``nan`` for a class that never
+        occurs.
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(3)
+            >>> cm.update(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1]))
+            >>> cm.f1(None), cm.f1()
+            (tensor([0.6667, 0.5000, 0.0000]), tensor(0.3889))
+        """
+        return self._score("f1", average)
+
+    def _score(self, kind: str, average: str | None) -> torch.Tensor:
+        if average not in ("macro", "micro", None):
+            raise ValueError(f"average must be 'macro', 'micro' or None, got {average!r}")
+        counts = self._checked_counts().double()
+        tp = counts.diagonal()
+        fp, fn = counts.sum(dim=0) - tp, counts.sum(dim=1) - tp
+        if average == "micro":
+            tp, fp, fn = tp.sum(), fp.sum(), fn.sum()
+        numerator = 2 * tp if kind == "f1" else tp
+        denominator = {"precision": tp + fp, "recall": tp + fn, "f1": 2 * tp + fp + fn}[kind]
+        score = numerator / denominator  # 0 / 0 -> nan: undefined
+        if average == "macro":
+            occurs = (tp + fp + fn) > 0
+            score = torch.where(occurs, score.nan_to_num(0.0), 0.0).sum() / occurs.sum()
+        return score.float()
+
     def _checked_counts(self) -> torch.Tensor:
         invalid = int(self._counts[-1])
         if invalid:

@@ -12,16 +12,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
-from torchkit.surgery._common import (
-    as_patterns,
-    check_model,
-    get_submodule,
-    like,
-    matches,
-    name_hint,
-    set_submodule,
-    unmatched,
-)
+from torchkit._names import as_patterns, matches, name_hint, unmatched
+from torchkit.surgery._common import check_model, get_submodule, like, set_submodule
 
 __all__ = ["checkpoint_activations", "insert_after", "insert_before"]
 

@@ -13,7 +13,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedParameter
 
-from torchkit.surgery._common import as_patterns, check_model, matches, name_hint, unmatched
+from torchkit._names import as_patterns, matches, name_hint, unmatched
+from torchkit.surgery._common import check_model
 
 __all__ = ["count_parameters", "freeze", "trainable_parameters", "unfreeze"]
 

@@ -7,8 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from torchkit.checkpoint import CheckpointManager, load_checkpoint
 from torchkit.distributed import get_rank, get_world_size
 from torchkit.state import get_rng_state, set_rng_state
@@ -23,15 +21,14 @@ _LEGACY_KEYS = ("epoch", "batch_idx", "should_stop", "stop_reason", "epoch_rng",
                 "epoch_count", "history", "callbacks", "logger", "rank_rngs")
 
 
-def checkpoint_state(*, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
-                     accumulator: Any, trainer: Any) -> dict[str, Any]:
+def checkpoint_state(trainer: Any) -> dict[str, Any]:
     """What a Trainer checkpoint holds, by name (each object saves its own state)."""
-    state: dict[str, Any] = {"model": model, "optimizer": optimizer}
-    if scheduler is not None:
-        state["scheduler"] = scheduler
-    if scaler is not None:
-        state["scaler"] = scaler
-    state["accumulator"] = accumulator
+    state: dict[str, Any] = {"model": trainer.model, "optimizer": trainer.optimizer}
+    if trainer.scheduler is not None:
+        state["scheduler"] = trainer.scheduler
+    if trainer.scaler is not None:
+        state["scaler"] = trainer.scaler
+    state["accumulator"] = trainer.accumulator
     state["trainer"] = trainer
     return state
 
