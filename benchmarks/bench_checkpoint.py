@@ -3,7 +3,13 @@
 A ~100 MB state_dict (25 float32 tensors of 1 M elements) is written and read back
 ``--repeats`` times; the methods take turns in a rotating order and the medians are
 compared. "raw" writes the tensors' bytes with one ``write`` each (the physical limit);
-"+ fsync" variants also wait for the disk, as torchkit's durable save does.
+"+ fsync" variants also wait for the disk, as torchkit's durable save does. "0.1.0"
+is torchkit 0.1.0's procedure (torch.save to a temporary path, fsync, rename, directory
+fsync; load = torch.load + format checks), the reference for the digest's cost.
+
+A third table times how long ``CheckpointManager.save`` blocks the training loop for a
+~100 MB model + Adam state, synchronous vs ``async_save=True`` (the background write
+is waited for outside the timing).
 
     python benchmarks/bench_checkpoint.py [--repeats 9] [--mb 100] [--dir DIR]
 """
@@ -45,6 +51,56 @@ def torch_save_fsync(state: dict[str, torch.Tensor], path: Path) -> None:
     os.close(fd)
 
 
+def v01_save(payload: dict[str, object], path: Path) -> None:
+    """torchkit 0.1.0's save_checkpoint, minus the argument checks."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    fd = os.open(tmp, os.O_RDWR)
+    os.fsync(fd)
+    os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def v01_load(path: Path) -> object:
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "torchkit.checkpoint"
+    return payload
+
+
+def blocking(directory: Path, repeats: int, megabytes: int) -> None:
+    torch.manual_seed(0)
+    width = int((megabytes * 1e6 / 4 / 3) ** 0.5)  # params + Adam's two moments
+    model = torch.nn.Linear(width, width, bias=False)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    state = {"model": model, "optimizer": opt}
+    managers = {
+        "sync (durable)": tk.CheckpointManager(directory / "sync", keep_last=1),
+        "async_save=True": tk.CheckpointManager(directory / "async", keep_last=1,
+                                                async_save=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in managers}
+    for i in range(repeats + 1):
+        for name, manager in managers.items():
+            start = time.perf_counter()
+            manager.save(state, step=i)
+            if i:
+                times[name].append(time.perf_counter() - start)
+            manager.wait()
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    total = sum(p.numel() for p in model.parameters()) * 3 * 4 / 1e6
+    print(f"| CheckpointManager.save, {total:.0f} MB model + Adam | blocks (s) | "
+          "vs sync |")
+    print("| --- | ---: | ---: |")
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds:.3f} | {seconds / medians['sync (durable)']:.2f}x |")
+    print()
+
+
 def rotate(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in methods}
     order = list(methods)
@@ -83,6 +139,8 @@ def main() -> None:
         saves = {
             "torch.save": lambda: torch.save(state, d / "torch.pt"),
             "torch.save + fsync": lambda: torch_save_fsync(state, d / "torch_fsync.pt"),
+            "0.1.0 save_checkpoint (durable)": lambda: v01_save(
+                {"format": "torchkit.checkpoint", "state": state}, d / "v01.pt"),
             "tk.save_checkpoint (durable)": lambda: tk.save_checkpoint(d / "tk.pt", state),
             "tk.save_checkpoint (durable=False)": lambda: tk.save_checkpoint(
                 d / "tk_fast.pt", state, durable=False),
@@ -95,10 +153,14 @@ def main() -> None:
         table("save", rotate(saves, args.repeats), "torch.save", megabytes)
         loads = {
             "torch.load (weights_only)": lambda: torch.load(d / "torch.pt", weights_only=True),
-            "tk.load_checkpoint": lambda: tk.load_checkpoint(d / "tk.pt"),
+            "0.1.0 load_checkpoint": lambda: v01_load(d / "v01.pt"),
+            "tk.load_checkpoint (verify)": lambda: tk.load_checkpoint(d / "tk.pt"),
+            "tk.load_checkpoint (verify=False)": lambda: tk.load_checkpoint(
+                d / "tk.pt", verify=False),
             "raw bytes": lambda: raw_read(state, d / "raw.bin"),
         }
         table("load", rotate(loads, args.repeats), "torch.load (weights_only)", megabytes)
+        blocking(d, args.repeats, args.mb)
 
 
 if __name__ == "__main__":

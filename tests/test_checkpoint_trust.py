@@ -631,3 +631,50 @@ def test_a_trainer_with_async_saves_resumes_bitwise(tmp_path):
     resumed = _async_run(tmp_path / "b", epochs=3)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _resumable(directory, *, epochs, resume, keep_last=2):
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = (x.sum(1) > 0).long()
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    manager = tk.CheckpointManager(directory, keep_last=keep_last, keep_best=1,
+                                   monitor="val_loss")
+    trainer = tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                         nn.functional.cross_entropy, progress=False, checkpoint=manager,
+                         device="cpu")
+    trainer.fit(data, data, epochs=epochs, resume=resume)
+    return manager
+
+
+def test_a_trainer_resumed_from_an_older_checkpoint_keeps_its_new_branch(tmp_path):
+    first = _resumable(tmp_path, epochs=4, resume=None)
+    oldest = first.checkpoints()[0]
+    older_epoch = tk.load_checkpoint(oldest)["epoch"]
+    manager = _resumable(tmp_path, epochs=older_epoch + 2, resume=oldest)
+    latest = tk.load_checkpoint(manager.latest())
+    assert latest["epoch"] == older_epoch + 2 and latest["seq"] == 5
+    new_branch = [p for p in manager.checkpoints() if tk.load_checkpoint(p)["seq"] >= 4]
+    assert len(new_branch) == 2, names(manager.checkpoints())
+    again = _resumable(tmp_path, epochs=older_epoch + 3, resume="latest")
+    assert tk.load_checkpoint(again.latest())["epoch"] == older_epoch + 3
+
+
+def test_sharded_state_is_refused_and_nothing_is_written(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shard = distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
+        for state in ({"model": {"w": shard}}, {"p": nn.Parameter(shard)}):
+            with pytest.raises(tk.CheckpointError, match=r"is a sharded DTensor .* "
+                                                         r"CheckpointManager\(format='dcp'\)"):
+                tk.save_checkpoint(tmp_path / "c.pt", state)
+        assert not (tmp_path / "c.pt").exists()
+    finally:
+        dist.destroy_process_group()
