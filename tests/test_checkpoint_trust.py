@@ -678,3 +678,26 @@ def test_sharded_state_is_refused_and_nothing_is_written(tmp_path):
         assert not (tmp_path / "c.pt").exists()
     finally:
         dist.destroy_process_group()
+
+
+def test_fit_returns_after_an_async_save_is_on_disk(tmp_path, monkeypatch):
+    from torchkit.checkpoint import _manager
+
+    real = _manager.write_payload
+
+    def slow(*args, **kwargs):
+        import time
+
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_manager, "write_payload", slow)
+    model = nn.Linear(4, 2)
+    manager = tk.CheckpointManager(tmp_path, async_save=True)
+    trainer = tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         nn.functional.cross_entropy, progress=False, checkpoint=manager,
+                         device="cpu")
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    trainer.fit(data, epochs=2)
+    assert not manager._writer.busy
+    assert [tk.load_checkpoint(p)["epoch"] for p in manager.checkpoints()] == [1, 2]

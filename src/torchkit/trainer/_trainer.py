@@ -279,6 +279,7 @@ class Trainer:
                 on_epoch_end                         # EarlyStopping may set should_stop
                 (under DDP: every rank learns of any rank's should_stop and signal)
                 epoch += 1; checkpoint
+            checkpoint.wait()                        # an async_save in flight completes
             logger.log_hparams; on_fit_end
             (on any exception: on_exception, then it propagates)
 
@@ -322,6 +323,8 @@ class Trainer:
             raise
         if self.should_stop:
             _log.info("stopped early after epoch %d: %s", self.epoch, self.stop_reason)
+        if self.checkpoint is not None:
+            self.checkpoint.wait()  # an async_save in flight is on disk when fit returns
         if self.logger is not None and is_main_process() and self.history.records:
             final = {k: float(v) for k, v in self.history.records[-1].items()
                      if k not in ("epoch", "lr")}
