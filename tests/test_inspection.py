@@ -212,51 +212,66 @@ def test_feature_grid_errors():
 
 def patch_images(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
                                                                 torch.Tensor]:
-    """Class 1 has a bright 4x4 patch at a random place in 16x16 noise; class 0 has none."""
+    """Class 1: a bright 4x4 patch at a random place in 16x16 noise; class 2: a dark one;
+    class 0: neither."""
     images = 0.3 * torch.randn(n, 1, 16, 16, generator=generator)
-    labels = torch.randint(0, 2, (n,), generator=generator)
+    labels = torch.randint(0, 3, (n,), generator=generator)
     corners = torch.randint(0, 13, (n, 2), generator=generator)
     for i in range(n):
         if labels[i]:
             r, c = corners[i].tolist()
-            images[i, 0, r:r + 4, c:c + 4] += 2.0
+            images[i, 0, r:r + 4, c:c + 4] += 2.0 if labels[i] == 1 else -2.0
     return images, labels, corners
 
 
-def test_grad_cam_peaks_where_the_evidence_is():
+def peaks_inside(cams: torch.Tensor, corners: torch.Tensor) -> float:
+    """The fraction of maps whose maximum lies on (or next to) the 4x4 patch at corners."""
+    peaks = cams.flatten(1).argmax(1)
+    rows, cols = peaks // cams.shape[-1], peaks % cams.shape[-1]
+    inside = ((rows >= corners[:, 0] - 1) & (rows <= corners[:, 0] + 4)
+              & (cols >= corners[:, 1] - 1) & (cols <= corners[:, 1] + 4))
+    return inside.float().mean().item()
+
+
+def test_grad_cam_peaks_where_the_evidence_for_the_class_is():
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
+    for _ in range(100):
         images, labels, _ = patch_images(64, g)
         loss = F.cross_entropy(model(images), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
     opt.zero_grad()
-    images, labels, corners = patch_images(64, g)
-    images, corners = images[labels == 1], corners[labels == 1]
-    assert (model(images).argmax(1) == 1).float().mean() > 0.9
+    images, labels, corners = patch_images(96, g)
+    assert (model(images).argmax(1) == labels).float().mean() > 0.95
+    bright = labels == 1
     model.train()
-    cams = tk.grad_cam(model, images, "3", class_idx=1)
+    cams = tk.grad_cam(model, images[bright], "3", class_idx=1)
     assert model.training and all(p.grad is None for p in model.parameters())
-    assert cams.shape == (len(images), 16, 16)
+    assert cams.shape == (int(bright.sum()), 16, 16)
     assert cams.min() >= 0 and cams.max() <= 1
-    peaks = cams.flatten(1).argmax(1)
-    rows, cols = peaks // 16, peaks % 16
-    inside = ((rows >= corners[:, 0] - 1) & (rows <= corners[:, 0] + 4)
-              & (cols >= corners[:, 1] - 1) & (cols <= corners[:, 1] + 4))
-    assert inside.float().mean() >= 0.9
-    # Inside the patch the map is high, far from it low.
-    r, c = corners[0].tolist()
-    assert cams[0, r:r + 4, c:c + 4].mean() > 0.5
+    assert peaks_inside(cams, corners[bright]) >= 0.9
+    # Both kinds of evidence in one image: each class's map peaks at its own patch.
+    n = 24
+    both = 0.3 * torch.randn(n, 1, 16, 16, generator=g)
+    light, dark = torch.randint(0, 5, (n, 2), generator=g), torch.randint(8, 13, (n, 2),
+                                                                          generator=g)
+    for i in range(n):
+        both[i, 0, light[i, 0]:light[i, 0] + 4, light[i, 1]:light[i, 1] + 4] += 2.0
+        both[i, 0, dark[i, 0]:dark[i, 0] + 4, dark[i, 1]:dark[i, 1] + 4] -= 2.0
+    assert peaks_inside(tk.grad_cam(model, both, "3", class_idx=1), light) >= 0.9
+    assert peaks_inside(tk.grad_cam(model, both, "3", class_idx=2), dark) >= 0.9
     # class_idx=None explains the predicted class; a module works as well as its name.
-    torch.testing.assert_close(tk.grad_cam(model, images, model[3]), cams)
+    predicted = model(images).argmax(1)
+    torch.testing.assert_close(tk.grad_cam(model, images, model[3]),
+                               tk.grad_cam(model, images, "3", class_idx=predicted))
     with torch.no_grad():
-        torch.testing.assert_close(tk.grad_cam(model, images[:4], "3", [1, 1, 1, 1]),
+        torch.testing.assert_close(tk.grad_cam(model, images[bright][:4], "3", [1, 1, 1, 1]),
                                    cams[:4])
 
 
