@@ -701,3 +701,12 @@ def test_fit_returns_after_an_async_save_is_on_disk(tmp_path, monkeypatch):
     trainer.fit(data, epochs=2)
     assert not manager._writer.busy
     assert [tk.load_checkpoint(p)["epoch"] for p in manager.checkpoints()] == [1, 2]
+
+
+def test_a_piece_that_does_not_fit_keeps_its_error_type(tmp_path):
+    stopper = tk.EarlyStopping()
+    path = tk.save_checkpoint(tmp_path / "c.pt", {"stopper": {"best": 1.0}})
+    with pytest.raises(KeyError) as info:
+        tk.load_checkpoint(path, {"stopper": stopper})
+    assert isinstance(info.value, tk.CheckpointError) and info.value.path == path
+    assert str(info.value).startswith(f"checkpoint {path}: state['stopper'] does not load")

@@ -17,7 +17,7 @@ from torch import nn
 
 from torchkit._utils import atomic_write, unwrap
 from torchkit._version import __version__
-from torchkit.checkpoint._errors import CheckpointError
+from torchkit.checkpoint._errors import CheckpointError, mismatch
 from torchkit.checkpoint._integrity import (
     FORMAT,
     FORMAT_VERSION,
@@ -285,8 +285,9 @@ def apply_state(payload: Mapping[str, Any], path: Path, state: Mapping[str, Any]
         try:
             target.load_state_dict(saved[name])
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
-            raise CheckpointError(path, f"state[{name!r}] does not load into the "
-                                  f"{type(target).__name__}: {error}") from error
+            cause = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise mismatch(path, f"state[{name!r}] does not load into the "
+                           f"{type(target).__name__}: {cause}", error) from error
     if restore_rng:
         set_rng_state(payload["rng"])
 

@@ -86,15 +86,23 @@ def _open_path(file: IO[bytes], path: Path) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu",
-                    mmap_tensors: bool = False, verify: bool = True) -> dict[str, Any]:
+                    mmap_tensors: bool | None = None, verify: bool = True) -> dict[str, Any]:
     """Load, verify and validate a checkpoint file's payload, or raise ``CheckpointError``.
 
     Args:
         path: The file.
         map_location: As for :func:`torch.load`.
-        mmap_tensors: Map the tensors from the file instead of reading them.
+        mmap_tensors: Map the tensors from the file (copy-on-write) instead of reading
+            them into new memory; ``None``: on POSIX systems. The digest check has just
+            brought the file into the page cache, so mapping it saves a second copy of
+            every byte (``load_state_dict`` copies into the model anyway). Files are
+            only ever replaced by a rename, never rewritten in place, so a mapped
+            tensor keeps its bytes. Windows cannot delete a mapped file, hence the
+            default off there.
         verify: Check the digest (and refuse a file of the current format without one).
     """
+    if mmap_tensors is None:
+        mmap_tensors = os.name == "posix"
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "no such file" if not path.exists() else "not a file")
@@ -109,7 +117,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu",
         if is_zip:
             _check_records(file, archive_size, path)
         payload = _torch_load(_open_path(file, path), path, map_location=map_location,
-                              mmap_tensors=mmap_tensors)
+                              mmap_tensors=mmap_tensors and is_zip)
     _check_payload(payload, path, has_digest=archive_size != size, verify=verify)
     return payload  # type: ignore[no-any-return]
 
