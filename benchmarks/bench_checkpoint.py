@@ -151,15 +151,27 @@ def main() -> None:
               f"{args.repeats} rotating repeats, directory on {d}")
         print()
         table("save", rotate(saves, args.repeats), "torch.save", megabytes)
+        # Loading into a model, as a resume does: the bytes end up in its parameters.
+        model = torch.nn.Module()
+        for i, tensor in enumerate(state.values()):
+            model.register_buffer(f"layer{i}", tensor.clone())
+        tk.save_checkpoint(d / "tk_model.pt", {"model": model})
+        v01_save({"format": "torchkit.checkpoint", "state": {"model": model.state_dict()}},
+                 d / "v01_model.pt")
+        torch.save(model.state_dict(), d / "torch_model.pt")
         loads = {
-            "torch.load (weights_only)": lambda: torch.load(d / "torch.pt", weights_only=True),
-            "0.1.0 load_checkpoint": lambda: v01_load(d / "v01.pt"),
-            "tk.load_checkpoint (verify)": lambda: tk.load_checkpoint(d / "tk.pt"),
+            "torch.load + load_state_dict": lambda: model.load_state_dict(
+                torch.load(d / "torch_model.pt", weights_only=True)),
+            "0.1.0 load_checkpoint": lambda: model.load_state_dict(
+                v01_load(d / "v01_model.pt")["state"]["model"]),  # type: ignore[index]
+            "tk.load_checkpoint (verify)": lambda: tk.load_checkpoint(
+                d / "tk_model.pt", {"model": model}),
             "tk.load_checkpoint (verify=False)": lambda: tk.load_checkpoint(
-                d / "tk.pt", verify=False),
+                d / "tk_model.pt", {"model": model}, verify=False),
             "raw bytes": lambda: raw_read(state, d / "raw.bin"),
         }
-        table("load", rotate(loads, args.repeats), "torch.load (weights_only)", megabytes)
+        table("load into a model", rotate(loads, args.repeats),
+              "torch.load + load_state_dict", megabytes)
         blocking(d, args.repeats, args.mb)
 
 
