@@ -22,7 +22,7 @@ from torchkit.distributed import (
 )
 from torchkit.early_stopping import EarlyStopping
 from torchkit.inspection import Captured, capture, feature_grid, grad_cam, misclassified
-from torchkit.loggers import CSVLogger, Logger, TensorBoardLogger
+from torchkit.loggers import CSVLogger, Logger, MLflowLogger, TensorBoardLogger, WandbLogger
 from torchkit.metrics import ConfusionMatrix, Metric, accuracy
 from torchkit.plotting import plot_samples
 from torchkit.progress import ProgressBar
@@ -65,6 +65,7 @@ __all__ = [
     "LaunchError",
     "LayerSummary",
     "Logger",
+    "MLflowLogger",
     "Metric",
     "ModelSummary",
     "ProgressBar",
@@ -72,6 +73,7 @@ __all__ = [
     "Stateful",
     "TensorBoardLogger",
     "Trainer",
+    "WandbLogger",
     "__version__",
     "accuracy",
     "all_reduce_mean",

@@ -1,4 +1,4 @@
-"""Experiment loggers: metrics to TensorBoard event files or a CSV file, resumable.
+"""Experiment loggers: metrics to TensorBoard, a CSV file, MLflow or W&B, resumable.
 
 A logger receives ``log_metrics({"train_loss": 0.3, "lr": 0.01}, step)`` calls at log
 time (never per step on the device: values are read to the host here), hyperparameters
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torchkit.loggers._base import Logger
 from torchkit.loggers._csv import CSVLogger
+from torchkit.loggers._mlflow import MLflowLogger
 from torchkit.loggers._tensorboard import TensorBoardLogger
+from torchkit.loggers._wandb import WandbLogger
 
-__all__ = ["CSVLogger", "Logger", "TensorBoardLogger"]
+__all__ = ["CSVLogger", "Logger", "MLflowLogger", "TensorBoardLogger", "WandbLogger"]
