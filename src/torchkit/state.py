@@ -12,7 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Stateful", "get_rng_state", "seed_everything", "set_rng_state"]
+__all__ = ["Stateful", "get_rng_state", "loader_generator", "seed_everything", "seed_worker",
+           "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -182,6 +183,58 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         s = state["numpy"]
         keys = s["keys"].numpy().astype("uint32")
         np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed python's ``random`` and numpy in a DataLoader worker from torch's worker seed.
+
+    Pass it as ``DataLoader(..., worker_init_fn=tk.seed_worker)``. torch seeds each
+    worker's own generator with ``base_seed + worker_id`` (the base seed drawn from the
+    loader's ``generator``), but not ``random`` or numpy: without this, augmentations
+    that use them repeat across workers and runs. With :func:`loader_generator` the
+    whole data order and augmentation is a function of one seed.
+
+    Args:
+        worker_id: The worker's index (given by the DataLoader; unused: torch's
+            per-worker seed already includes it).
+
+    Example:
+        >>> torch.manual_seed(5)
+        <torch._C.Generator object at ...>
+        >>> seed_worker(0)
+        >>> random.random() == (random.seed(5), random.random())[1]
+        True
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np = _numpy(imported_only=True)
+    if np is not None:
+        np.random.seed(seed)
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """Return a CPU ``torch.Generator`` seeded with ``seed``, for a DataLoader's shuffle.
+
+    ``DataLoader(data, shuffle=True, generator=tk.loader_generator(0),
+    worker_init_fn=tk.seed_worker)`` gives the same order (and worker seeds) in every
+    run, whatever else consumed the global RNG before.
+
+    Args:
+        seed: An int in ``[0, 2**64)``.
+
+    Returns:
+        The seeded generator.
+
+    Raises:
+        ValueError: If ``seed`` is not such an int.
+
+    Example:
+        >>> torch.randperm(5, generator=loader_generator(0)).tolist()
+        [4, 0, 1, 3, 2]
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return torch.Generator().manual_seed(seed)
 
 
 def _python_state() -> tuple[int, list[int], float | None]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from torchkit.surgery._editing import checkpoint_activations, insert_after, insert_before
 from torchkit.surgery._freezing import count_parameters, freeze, trainable_parameters, unfreeze
+from torchkit.surgery._groups import param_groups
 from torchkit.surgery._heads import find_head, replace_head
+from torchkit.surgery._init import init_weights
 from torchkit.surgery._summary import LayerSummary, ModelSummary, summary
 
 __all__ = [
@@ -20,8 +22,10 @@ __all__ = [
     "count_parameters",
     "find_head",
     "freeze",
+    "init_weights",
     "insert_after",
     "insert_before",
+    "param_groups",
     "replace_head",
     "summary",
     "trainable_parameters",

@@ -11,6 +11,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.parameter import UninitializedParameter
 
 from torchkit.surgery._common import check_model, get_submodule, like, set_submodule
+from torchkit.surgery._init import INIT_METHODS, init_weights
 
 __all__ = ["find_head", "replace_head"]
 
@@ -74,6 +75,7 @@ def replace_head(
     num_classes_or_module: int | nn.Module,
     *,
     name: str | None = None,
+    init: str | None = None,
 ) -> nn.Module:
     """Replace the classifier head of ``model`` and return the new layer.
 
@@ -94,6 +96,9 @@ def replace_head(
         num_classes_or_module: The number of output classes, or the new head module.
         name: The qualified name of the layer to replace; found with
             :func:`find_head` when ``None``.
+        init: Re-initialise the new head with this :func:`~torchkit.init_weights`
+            method (``"kaiming_normal"``, ``"xavier_uniform"``, ``"zeros"``, ...; biases
+            become 0); ``None`` keeps torch's default initialisation.
 
     Returns:
         The new head, now part of ``model``.
@@ -103,7 +108,8 @@ def replace_head(
             int nor a module, or the input size of the layer to replace cannot be read
             (it is not a Linear or a convolution: pass a module instead).
         ValueError: If the number of classes is below 1, ``name`` is ``""`` (the model
-            itself), a lazy head has not run yet, or no head is found.
+            itself), a lazy head has not run yet, no head is found, or ``init`` is not
+            a method name.
         KeyError: If ``name`` is not a submodule (the message lists those that exist).
 
     Example:
@@ -114,6 +120,9 @@ def replace_head(
         torch.Size([2, 3])
     """
     check_model(model)
+    if init is not None and init not in INIT_METHODS:
+        raise ValueError(f"init must be None or one of {', '.join(map(repr, INIT_METHODS))}, "
+                         f"got {init!r}")
     replacement = num_classes_or_module
     if not isinstance(replacement, nn.Module) and (
         isinstance(replacement, bool) or not isinstance(replacement, numbers.Integral)
@@ -137,6 +146,8 @@ def replace_head(
         new = like(replacement, old)
     else:
         new = _new_layer(old, int(replacement), name)
+    if init is not None and any(True for _ in new.parameters()):
+        init_weights(new, method=init)
     set_submodule(model, name, new)
     _log.info("replaced the head %r (%s) with a %s", name, type(old).__name__,
               type(new).__name__)

@@ -1,0 +1,63 @@
+"""Private: what the training recipes need from Trainer: planned stops, averaged evaluation, groups.
+
+A planned stop (``TimeLimit``, ``fit(max_steps=)``) ends ``fit`` at an optimizer-step
+boundary by raising :class:`PlannedStop`, which ``fit`` catches to return normally.
+Averaging callbacks (``ModelEMA``/``SWA`` with ``evaluate=True``) give the weights
+validation runs under; ``UnfreezeSchedule`` re-creates its optimizer parameter groups on
+resume, before the optimizer's state is loaded into them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from torchkit.callbacks import TimeLimit, UnfreezeSchedule
+
+__all__ = ["PlannedStop", "averaged_weights", "check_max_steps", "load_order",
+           "restore_groups", "saves_on_stop"]
+
+
+class PlannedStop(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised at an optimizer-step boundary to end ``fit`` normally."""
+
+
+def check_max_steps(max_steps: object) -> int | None:
+    """``fit``'s ``max_steps``: ``None`` or an int >= 1."""
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ValueError(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
+    return max_steps
+
+
+def saves_on_stop(callbacks: Sequence[Any]) -> bool:
+    """Whether a planned stop saves first (unless a ``TimeLimit(save=False)`` says not to)."""
+    return all(cb.save for cb in callbacks if isinstance(cb, TimeLimit))
+
+
+@contextlib.contextmanager
+def averaged_weights(trainer: Any) -> Iterator[None]:
+    """Validate under the averaged weights of callbacks built with ``evaluate=True``."""
+    with contextlib.ExitStack() as stack:
+        for callback in trainer.callbacks:
+            eval_weights = getattr(callback, "eval_weights", None)
+            if getattr(callback, "evaluate", False) is True and callable(eval_weights):
+                stack.enter_context(eval_weights(trainer))
+        yield
+
+
+def load_order(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's objects in load order: model, then trainer (callbacks), then the rest.
+
+    So ``UnfreezeSchedule`` has added its parameter groups when the optimizer loads.
+    """
+    first = [k for k in ("model", "trainer") if k in state]
+    return {**{k: state[k] for k in first}, **{k: v for k, v in state.items() if k not in first}}
+
+
+def restore_groups(trainer: Any) -> None:
+    """Let each ``UnfreezeSchedule`` re-apply the unfreezing its loaded state records."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, UnfreezeSchedule):
+            callback.restore(trainer.module, callback.optimizer or trainer.optimizer)
