@@ -10,7 +10,7 @@ Part 2 trains an MLP on scikit-learn's digits with the same accumulator, the for
 pass under CPU bf16 autocast. bf16 has float32's exponent range, so unlike float16 it
 needs no ``GradScaler``; on CUDA with float16, pass ``scaler=torch.amp.GradScaler()``.
 
-    pip install torchkit scikit-learn
+    pip install -e . scikit-learn   # in a clone (README: Install)
     python examples/accumulate_and_clip.py           # a few seconds
     python examples/accumulate_and_clip.py --smoke   # for CI
 """

@@ -7,7 +7,7 @@ uses noise fixed once (so epochs are comparable) and reports a PSNR metric. Ever
 else (accumulation, clipping, checkpoints, progress, early stopping) is still the
 Trainer's; only ``train_step``, ``eval_step`` and ``predict_step`` are overridden.
 
-    pip install torchkit scikit-learn
+    pip install -e . scikit-learn   # in a clone (README: Install)
     python examples/custom_step.py            # a few seconds
     python examples/custom_step.py --smoke    # for CI
 """

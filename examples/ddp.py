@@ -5,7 +5,7 @@ with ``tk.Trainer`` on two CPU processes. Under a process group the Trainer wrap
 model in DistributedDataParallel, gives each rank its shard of the training data, and
 averages the metrics over the ranks; rank 0 prints them.
 
-    pip install torchkit scikit-learn
+    pip install -e . scikit-learn   # in a clone (README: Install)
     python examples/ddp.py              # 2 processes on this machine (gloo, CPU)
     python examples/ddp.py --smoke      # two epochs, for CI
 

@@ -12,7 +12,7 @@ Trains a small CNN on scikit-learn's digits with ``tk.Trainer``, then:
 
 and prints ``tk.quantization_report`` (size, CPU latency, accuracy) and ``tk.sparsity``.
 
-    pip install torchkit scikit-learn
+    pip install -e . scikit-learn   # in a clone (README: Install)
     python examples/quantize_and_prune.py           # about half a minute
     python examples/quantize_and_prune.py --smoke   # for CI
 """

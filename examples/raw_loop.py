@@ -4,7 +4,7 @@ Trains a small MLP on scikit-learn's digits (shipped with scikit-learn, no downl
 with exact gradient accumulation over uneven micro-batches, gradient clipping and early
 stopping that restores the best weights.
 
-    pip install torchkit scikit-learn
+    pip install -e . scikit-learn   # in a clone (README: Install)
     python examples/raw_loop.py            # about ten seconds on a laptop CPU
     python examples/raw_loop.py --smoke    # two epochs, for CI
 """

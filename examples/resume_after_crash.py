@@ -14,7 +14,7 @@ Three runs of the same training code:
 It then checks that the resumed run's final weights equal the uninterrupted run's bit for
 bit (CPU, ``tk.seed_everything(0, deterministic=True)``).
 
-    pip install torchkit scikit-learn
+    pip install -e . scikit-learn   # in a clone (README: Install)
     python examples/resume_after_crash.py            # a few seconds
     python examples/resume_after_crash.py --smoke    # for CI
 """

@@ -1,0 +1,132 @@
+"""CI's configuration files parse, and say what .ci/run and the README say."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_docs_blocks import fenced_blocks, markdown_section
+
+ROOT = Path(__file__).resolve().parent.parent
+CI_RUN = (ROOT / ".ci" / "run").read_text()
+YAML_FILES = [".github/workflows/ci.yml", ".github/workflows/release.yml",
+              ".readthedocs.yaml", ".pre-commit-config.yaml"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def runs(job: dict) -> list[str]:
+    """The shell lines a workflow job runs, one command a line."""
+    return [line.strip() for step in job["steps"] if "run" in step
+            for line in step["run"].splitlines() if line.strip()]
+
+
+def ci_run_commands() -> list[str]:
+    return [line.strip() for line in CI_RUN.splitlines()
+            if line.strip() and not line.lstrip().startswith(("#", "stage "))]
+
+
+@pytest.mark.parametrize("name", YAML_FILES)
+def test_yaml_files_parse(name: str) -> None:
+    assert isinstance(load(name), dict)
+
+
+def test_the_workflow_tests_with_the_readme_commands() -> None:
+    install, test = fenced_blocks(markdown_section((ROOT / "README.md").read_text(),
+                                                   "Contributing"), "bash")[0].split("\n")[:2]
+    jobs = load(".github/workflows/ci.yml")["jobs"]
+    assert runs(jobs["test"]) == [install, test]
+    assert jobs["test"]["strategy"]["matrix"]["python"] == ["3.10", "3.11", "3.12", "3.13"]
+    assert {install, test} <= set(ci_run_commands())
+
+
+def test_the_workflow_runs_the_torch_versions_of_ci_run() -> None:
+    job = load(".github/workflows/ci.yml")["jobs"]["torch-versions"]
+    in_workflow = {(entry["torch"], entry["torchvision"])
+                   for entry in job["strategy"]["matrix"]["include"]}
+    in_ci_run = set(re.findall(r"^bash \.ci/torch-version (\S+) ?(\S*)$", CI_RUN, re.M))
+    assert in_workflow == in_ci_run == {("2.8.0", "0.23.0"), ("2.15.0", "")}
+    assert runs(job) == [
+        "bash .ci/torch-version ${{ matrix.torch }} ${{ matrix.torchvision }}"]
+    floor = re.search(r'"torch>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert min(in_ci_run, key=lambda v: tuple(map(int, v[0].split("."))))[0].startswith(floor)
+
+
+def test_the_workflow_checks_are_those_of_ci_run() -> None:
+    checks = runs(load(".github/workflows/ci.yml")["jobs"]["checks"])
+    commands = ci_run_commands()
+    for command in ("ruff check .", "mypy --strict src/",
+                    "sphinx-build -W --keep-going -b html docs docs/_build/html"):
+        assert command in checks and command in commands, command
+    assert "twine check --strict dist/*" in checks
+    assert any(line.endswith("/.ci/smoke_wheel.py\"") for line in checks)
+    assert any(line.endswith('"$ROOT/.ci/smoke_wheel.py"') for line in commands)
+
+
+def test_release_builds_checks_and_publishes_on_a_tag_through_trusted_publishing() -> None:
+    release = load(".github/workflows/release.yml")
+    assert release[True]["push"]["tags"] == ["v*"]  # YAML 1.1 reads the key "on" as True
+    build, publish = release["jobs"]["build"], release["jobs"]["publish"]
+    assert "python -m build --outdir dist ." in runs(build)
+    assert "twine check --strict dist/*" in runs(build)
+    assert publish["needs"] == "build"
+    assert publish["permissions"] == {"id-token": "write"}
+    (upload,) = [s for s in publish["steps"] if s.get("uses", "").startswith("pypa/")]
+    assert upload["uses"] == "pypa/gh-action-pypi-publish@release/v1"
+    assert "with" not in upload  # no password or token: trusted publishing
+
+
+def test_read_the_docs_builds_the_sphinx_docs_with_warnings_as_errors() -> None:
+    config = load(".readthedocs.yaml")
+    assert config["version"] == 2
+    assert config["sphinx"] == {"configuration": "docs/conf.py", "fail_on_warning": True}
+    (install,) = config["python"]["install"]
+    assert install == {"method": "pip", "path": ".", "extra_requirements": ["docs"]}
+
+
+def test_pre_commit_runs_the_ruff_and_mypy_of_ci() -> None:
+    (repo,) = load(".pre-commit-config.yaml")["repos"]
+    entries = {hook["id"]: hook["entry"] for hook in repo["hooks"]}
+    assert entries == {"ruff": "ruff check", "mypy": "mypy --strict src/"}
+    assert "ruff check ." in ci_run_commands() and "mypy --strict src/" in ci_run_commands()
+
+
+def test_core_suite_plugin_deselects_and_lists_what_needs_a_missing_package(tmp_path) -> None:
+    """.ci/core_suite.py: what needs the package is left out (not skipped) and listed."""
+    (tmp_path / "test_top.py").write_text("import fakepkg\n\ndef test_a():\n    pass\n")
+    (tmp_path / "page.rst").write_text(".. code-block:: python\n\n   import fakepkg\n")
+    (tmp_path / "test_mixed.py").write_text(
+        "from pathlib import Path\n\nimport pytest\n\n"
+        "PAGE = Path(__file__).parent / 'page.rst'\n\n"
+        "def helper():\n    import fakepkg\n\n"
+        "def test_direct():\n    import fakepkg.sub\n\n"
+        "def test_through_a_helper():\n    helper()\n\n"
+        "def test_reads_a_page():\n    PAGE.read_text()\n\n"
+        "def test_word():\n    assert 'use pt9e' \n\n"
+        "@pytest.mark.parametrize('path', [PAGE])\n"
+        "def test_param(path):\n    pass\n\n"
+        "def test_free():\n    assert 1 + 1 == 2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "core_suite", "-p", "no:cacheprovider",
+         "--without", "fakepkg,pt9e=not here", "-o", "addopts=", "--rootdir", str(tmp_path),
+         str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / ".ci")},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "1 passed, 5 deselected" in out
+    assert "fakepkg (not here): 6 left out" in out
+    assert "test_top.py (the whole file)" in out
+    for name in ("test_direct", "test_through_a_helper", "test_reads_a_page", "test_word",
+                 "test_param[path0]"):
+        assert f"test_mixed.py::{name}" in out, name
+    assert "test_free" not in out.split("left out")[-1]
