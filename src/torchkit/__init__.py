@@ -7,6 +7,7 @@ from torchkit.callbacks import Callback
 from torchkit.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    consolidate_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "clip_grad_adaptive",
     "clip_grad_norm",
     "clip_grad_value",
+    "consolidate_checkpoint",
     "convert_qat",
     "count_parameters",
     "feature_grid",

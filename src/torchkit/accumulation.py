@@ -14,6 +14,7 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 
+from torchkit import _fsdp
 from torchkit._grads import (
     check_norm_type,
     group_by_device,
@@ -71,7 +72,10 @@ class GradAccumulator:
         optimizer: The optimizer to step.
         steps: Micro-batches per optimizer step (``1`` disables accumulation).
         model: The DDP-wrapped model, so non-final micro-batches skip the gradient
-            all-reduce (``no_sync``). Any other module is accepted and ignored.
+            all-reduce (``no_sync``), or an FSDP2 (``fully_shard``) model, so they skip
+            the reduce-scatter (``set_requires_gradient_sync``; :meth:`flush` reduces
+            a partial window's gradients itself). Any other module is accepted and
+            ignored.
         scaler: A :class:`torch.amp.GradScaler` for float16 mixed precision.
         max_norm: Clip the total gradient norm to this value before stepping.
         norm_type: The order of the norm used with ``max_norm``.
@@ -151,6 +155,7 @@ class GradAccumulator:
         self.skip_nonfinite = skip_nonfinite
         self.global_weights = global_weights
         self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self._fsdp = _fsdp.fsdp_modules(model)  # FSDP2: set_requires_gradient_sync
         self.num_steps = 0
         self.micro_step = 0
         self.last_grad_norm: torch.Tensor | None = None
@@ -182,6 +187,8 @@ class GradAccumulator:
             >>> accum.backward(loss)
             True
         """
+        if self._fsdp:
+            return self._fsdp_accumulate()
         if self._ddp is None:
             return _NOTHING  # the hot path of every non-DDP step: no generator to build
         return self._ddp_accumulate(self._ddp)
@@ -195,6 +202,14 @@ class GradAccumulator:
         else:
             self._forward_unsynced = False
             yield
+
+    @contextlib.contextmanager
+    def _fsdp_accumulate(self) -> Iterator[None]:
+        # The flag holds for the backward after the forward: FSDP2 reads it then.
+        unsynced = self.micro_step + 1 < self.steps
+        _fsdp.set_gradient_sync(self._fsdp, not unsynced)
+        self._forward_unsynced = unsynced
+        yield
 
     def backward(self, loss: torch.Tensor, batch_size: int | None = None) -> bool:
         """Back-propagate one micro-batch's loss; step the optimizer if the window is full.
@@ -244,6 +259,9 @@ class GradAccumulator:
         """
         if self.micro_step == 0:
             return False
+        if self._fsdp and self._window_unsynced:  # FSDP2 left the window unreduced
+            _fsdp.reduce_pending(self._fsdp)
+            self._window_unsynced = False
         return self._boundary_step()
 
     def _weight(self, batch_size: int | None) -> float:
@@ -269,7 +287,7 @@ class GradAccumulator:
 
     def _global_max(self, value: int) -> int:
         # Every rank must weigh relative to the same size, or DDP's average mixes scales.
-        if self._ddp is None:
+        if self._ddp is None and not self._fsdp:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -290,7 +308,7 @@ class GradAccumulator:
         scaler_enabled = self.scaler is not None and self.scaler.is_enabled()
         check = scaler_enabled or self.skip_nonfinite
         needs_grads = check or self._window_unsynced or self._weight_sum != 1.0 or (
-            self._ddp is not None and self._weighted and self.global_weights)
+            (self._ddp is not None or self._fsdp) and self._weighted and self.global_weights)
         grads = self._grads() if needs_grads else []
         if self._window_unsynced and grads:
             self._all_reduce_mean(grads)
@@ -319,7 +337,7 @@ class GradAccumulator:
     def _normalise(self, grads: list[torch.Tensor], *, check: bool) -> torch.Tensor | None:
         """Divide by the summed weights and, if ``check``, return 1.0 if any grad is nan/inf."""
         divisor: float | torch.Tensor = self._weight_sum
-        if self._ddp is not None and self._weighted and self.global_weights:
+        if (self._ddp is not None or self._fsdp) and self._weighted and self.global_weights:
             # Ranks may have seen different sample counts: use the global sum. DDP already
             # averaged over ranks, hence the extra world-size factor.
             total = torch.tensor([self._weight_sum], device=self._comm_device())

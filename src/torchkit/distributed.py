@@ -185,6 +185,15 @@ def launch(
     just runs in this process and ``[its result]`` is returned. So one script runs on a
     laptop with ``python train.py`` and on many machines with ``torchrun``.
 
+    Under torchrun (``TORCHELASTIC_RESTART_COUNT`` set) the group is built on the
+    rendezvous store with every key prefixed by the run id and the restart count, so a
+    restarted attempt (``--max-restarts``) never reads the previous attempt's addresses
+    (see pytorch/pytorch#167288). Under SLURM without torchrun (``srun python
+    train.py``), when ``MASTER_ADDR`` and ``MASTER_PORT`` are exported, ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` default to ``SLURM_PROCID``,
+    ``SLURM_NTASKS``, ``SLURM_LOCALID`` and ``SLURM_NTASKS_PER_NODE``; variables already
+    set (by torchrun) win.
+
     Args:
         fn: A module-level function (picklable by reference; not a lambda, a nested
             function or one defined in an interactive session).
@@ -222,6 +231,7 @@ def launch(
         )
     if dist.is_initialized():
         return [fn(*args, **kwargs)]
+    _env_from_slurm()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return [_run_under_launcher(fn, args, kwargs, backend=backend, timeout_s=timeout_s)]
     if nprocs is None:
@@ -300,8 +310,53 @@ def _init_from_env(backend: str, timeout_s: float) -> None:
     if backend == "nccl":
         device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device_id)  # before init, so NCCL binds each rank to its GPU
-    dist.init_process_group(backend, init_method="env://", device_id=device_id,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _elastic_store(timeout)
+    if store is None:
+        dist.init_process_group(backend, init_method="env://", device_id=device_id,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]),
+                                device_id=device_id, timeout=timeout)
+
+
+_SLURM = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID",
+          "LOCAL_WORLD_SIZE": "SLURM_NTASKS_PER_NODE"}
+
+
+def _env_from_slurm() -> None:
+    """``srun python train.py``: take the ranks from SLURM when MASTER_ADDR/PORT are set."""
+    if "RANK" in os.environ or not all(
+            v in os.environ for v in ("SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR",
+                                      "MASTER_PORT")):
+        return
+    for name, slurm in _SLURM.items():
+        value = os.environ.get(slurm, "").split("(")[0]  # "2(x3)" per-node counts
+        if value.isdigit():
+            os.environ.setdefault(name, value)
+
+
+def _elastic_store(timeout: datetime.timedelta) -> Any:
+    """Under torchrun: the rendezvous store, with keys private to this restart attempt.
+
+    torch's elastic agent hands every attempt the same store; a restarted attempt that
+    reads the previous attempt's keys connects gloo to dead addresses ("Connection
+    refused") or hangs (compare pytorch/pytorch#167288). Prefixing every key with the
+    run id and ``TORCHELASTIC_RESTART_COUNT`` gives each attempt a clean namespace.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    from torch.distributed import PrefixStore, TCPStore  # type: ignore[attr-defined]
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timeout,
+                          multi_tenant=not agent)
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return PrefixStore(f"torchkit/{run}/attempt-{restart}/", store)
 
 
 def _run_under_launcher(fn: Callable[..., Any], args: tuple[Any, ...],

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import threading
 import warnings
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from torchkit._utils import TMP_MARK, atomic_write, check_keys
+from torchkit.checkpoint import _dcp
 from torchkit.checkpoint._errors import CheckpointError
 from torchkit.checkpoint._files import (
     PathLike,
@@ -79,7 +81,17 @@ class CheckpointManager:
         prefix: The file name prefix.
         durable: fsync every write (see :func:`save_checkpoint`).
         checksum: Write zip CRC-32s (see :func:`save_checkpoint`).
-        async_save: Write in a background thread after a snapshot (see above).
+        async_save: Write in a background thread after a snapshot (see above); for
+            file checkpoints only (a DCP save is synchronous).
+        format: ``"file"`` (one file per checkpoint, written by the caller: rank 0),
+            ``"dcp"`` (one directory ``<prefix>-<step>`` per checkpoint, written with
+            ``torch.distributed.checkpoint`` by every rank: call :meth:`save` on every
+            rank; see the sharded-training guide), or ``"auto"``: ``"dcp"`` when a model
+            in the saved state has DTensor parameters (FSDP2, tensor parallel), else
+            ``"file"``. It governs saving only: :meth:`load` reads whichever kind it
+            finds, a DCP checkpoint also under another world size or in one plain
+            process into a plain model. DCP directories need a file system every rank
+            sees.
 
     Raises:
         ValueError: If an option is out of range, or ``keep_best`` is set without a
@@ -119,6 +131,7 @@ class CheckpointManager:
         durable: bool = True,
         checksum: bool = False,
         async_save: bool = False,
+        format: Literal["auto", "file", "dcp"] = "auto",
     ) -> None:
         if not isinstance(directory, str | os.PathLike):
             raise TypeError(f"directory must be a path (str or os.PathLike), got "
@@ -141,9 +154,14 @@ class CheckpointManager:
                            ("async_save", async_save)):
             if not isinstance(flag, bool):
                 errors.append(f"{name} must be True or False, got {flag!r}")
+        if format not in ("auto", "file", "dcp"):
+            errors.append(f"format must be 'auto', 'file' or 'dcp', got {format!r}")
+        elif format == "dcp" and async_save is True:
+            errors.append("async_save=True is for format='file'; a DCP save is synchronous")
         if errors:
             raise ValueError("; ".join(errors))
         self.directory = Path(directory)
+        self.format = format
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.monitor = monitor
@@ -152,7 +170,7 @@ class CheckpointManager:
         self.durable = durable
         self.checksum = checksum
         self.async_save = async_save
-        self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.pt")
+        self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+)(\.pt)?")
         self._lock = threading.RLock()  # the background writer updates the entries too
         self._writer = BackgroundWriter()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -162,6 +180,33 @@ class CheckpointManager:
 
     def _path(self, step: int) -> Path:
         return self.directory / f"{self.prefix}-{step:09d}.pt"
+
+    def uses_dcp(self, state: Mapping[str, Any]) -> bool:
+        """Whether :meth:`save` writes ``state`` as a DCP directory (every rank saves)."""
+        return self.format == "dcp" or (self.format == "auto" and _dcp.state_is_sharded(state))
+
+    def _save_dcp(self, state: Mapping[str, Any], step: int, epoch: int | None,
+                  values: dict[str, float]) -> Path:
+        path = self.directory / f"{self.prefix}-{step:09d}"
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        _dcp.save_dcp(path, state, step=step, epoch=epoch, metrics=values, seq=seq,
+                      durable=self.durable)
+        rank, world = _dcp._world()
+        if rank == 0:
+            with self._lock:
+                self._entries[path.name] = _Entry(step, seq, epoch, values)
+                self._apply_retention(protect=path.name)
+                self._write_index()
+            _log.info("saved DCP checkpoint %s", path)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 renamed it and applied retention
+            if rank != 0:
+                self.refresh()
+        return path
 
     def save(self, state: Mapping[str, Any], *, step: int, epoch: int | None = None,
              metrics: Mapping[str, Any] | None = None) -> Path:
@@ -189,6 +234,8 @@ class CheckpointManager:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self._writer.wait()  # at most one save in flight; its error surfaces here
         values = _metrics(metrics)
+        if self.uses_dcp(state):
+            return self._save_dcp(state, step, epoch, values)
         with self._lock:
             seq = self._next_seq
             self._next_seq += 1
@@ -276,10 +323,8 @@ class CheckpointManager:
         elif which == "best":
             candidates = self._ranked()
         elif isinstance(which, str | os.PathLike):
-            path = Path(which)
-            payload = read_checkpoint(path, map_location=map_location, verify=verify)
-            apply_state(payload, path, state, strict=strict, restore_rng=restore_rng)
-            return metadata(payload, path)
+            return self._load_one(Path(which), state, map_location=map_location,
+                                  strict=strict, restore_rng=restore_rng, verify=verify)
         else:
             raise TypeError(f"which must be 'latest', 'best' or a path, got {which!r}")
         if not candidates:
@@ -287,17 +332,41 @@ class CheckpointManager:
         for name in candidates:
             path = self.directory / name
             try:
-                payload = read_checkpoint(path, map_location=map_location, verify=verify)
+                payload = self._read(path, map_location=map_location, verify=verify)
             except CheckpointError as error:
                 warnings.warn(f"skipping unreadable {which} checkpoint: {error}",
                               RuntimeWarning, stacklevel=2)
                 continue
-            apply_state(payload, path, state, strict=strict, restore_rng=restore_rng)
-            return metadata(payload, path)
+            return self._apply(path, payload, state, strict=strict, restore_rng=restore_rng)
         raise CheckpointError(
             self.directory, f"none of its {len(candidates)} checkpoints can be read: "
             f"{', '.join(candidates)}"
         )
+
+    def _read(self, path: Path, *, map_location: Any, verify: bool) -> Any:
+        if path.is_dir():
+            return _dcp.read_dcp_payload(path, verify=verify)
+        return read_checkpoint(path, map_location=map_location, verify=verify)
+
+    def _apply(self, path: Path, payload: Any, state: Mapping[str, Any] | None, *,
+               strict: bool, restore_rng: bool) -> dict[str, Any]:
+        if isinstance(payload.get("dcp"), list):  # a DCP directory: load its shards first
+            saved = _dcp.load_dcp(path, payload, state or {}, strict=strict)
+            rest = {k: v for k, v in (state or {}).items() if saved.get(k, 0) is not None}
+            rank, world = _dcp._world()
+            rngs = payload["rank_rngs"]
+            payload = {**payload, "state": saved,
+                       "rng": rngs[rank] if len(rngs) == world else rngs[0]}
+            apply_state(payload, path, rest, strict=strict, restore_rng=restore_rng)
+            return metadata(payload, path)
+        apply_state(payload, path, state, strict=strict, restore_rng=restore_rng)
+        return metadata(payload, path)
+
+    def _load_one(self, path: Path, state: Mapping[str, Any] | None,
+                  **options: Any) -> dict[str, Any]:
+        payload = self._read(path, map_location=options.pop("map_location"),
+                             verify=options.pop("verify"))
+        return self._apply(path, payload, state, **options)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the index: the next sequence number and each checkpoint's entry."""
@@ -319,7 +388,7 @@ class CheckpointManager:
         entries = self._parse_entries(state_dict["entries"], where="the loaded state")
         with self._lock:
             for name, entry in entries.items():
-                if (self.directory / name).is_file():
+                if (self.directory / name).exists():
                     self._entries[name] = entry
             self._next_seq = max([self._next_seq, _as_int(state_dict["next_seq"]),
                                   *(e.seq + 1 for e in self._entries.values())])
@@ -353,7 +422,11 @@ class CheckpointManager:
             keep |= set(self._ranked()[:max(self.keep_best, 1)])
         for name in set(self._entries) - keep:
             self._check_name(name, where="retention")
-            (self.directory / name).unlink(missing_ok=True)
+            target = self.directory / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
             del self._entries[name]
             _log.debug("retention deleted checkpoint %s", name)
 
@@ -362,7 +435,8 @@ class CheckpointManager:
                 or Path(name).name != name:
             raise CheckpointError(
                 self.directory, f"{where} names {name!r}, which is not a checkpoint file "
-                f"name of this manager ('{self.prefix}-<step>.pt' inside the directory); "
+                f"name of this manager ('{self.prefix}-<step>.pt' or a DCP directory "
+                f"'{self.prefix}-<step>' inside the directory); "
                 "refusing to touch it. Delete or fix index.json if it was tampered with"
             )
         return name
@@ -392,7 +466,8 @@ class CheckpointManager:
         unnumbered: list[tuple[int, str, _Entry]] = []
         for path in self.directory.iterdir():
             match = self._pattern.fullmatch(path.name)
-            if match is None or not path.is_file():
+            if match is None or path.is_symlink() or not (
+                    path.is_file() if match.group(2) else _dcp.is_dcp_dir(path)):
                 continue
             entry = indexed.get(path.name)
             if entry is not None:
@@ -401,7 +476,9 @@ class CheckpointManager:
             # Written after the index (a crash in between), or the index is lost: read it.
             step, seq, epoch, metrics = int(match.group(1)), None, None, {}
             try:
-                meta = metadata(read_checkpoint(path, mmap_tensors=True), path)
+                payload = _dcp.read_dcp_payload(path) if path.is_dir() else \
+                    read_checkpoint(path, mmap_tensors=True)
+                meta = metadata(payload, path)
                 seq, epoch, metrics = meta["seq"], meta["epoch"], meta["metrics"]
             except CheckpointError as error:
                 _log.warning("found unreadable checkpoint %s", error)
@@ -446,7 +523,10 @@ class CheckpointManager:
             pid = path.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
             if pid.isdigit() and _alive(int(pid)):
                 continue  # a live process (this one: an asynchronous save) is writing it
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():  # an interrupted DCP save
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             _log.info("removed temporary file %s left by an interrupted save", path)
 
 

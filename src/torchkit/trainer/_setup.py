@@ -12,7 +12,7 @@ from torchkit._utils import check_module
 from torchkit.callbacks import HOOKS, Callback
 from torchkit.checkpoint import CheckpointManager
 
-__all__ = ["Metric", "check_options", "hook_table", "named_metrics", "resolve_device",
+__all__ = ["Metric", "check_options", "check_sharding", "hook_table", "named_metrics", "resolve_device",
            "run_hparams"]
 
 Metric = Callable[[Any, Any], Any] | Any  # a callable, or an object with update/compute/reset
@@ -151,3 +151,20 @@ def overrides(callback: Any, hook: str) -> bool:
     if method is None:
         return False
     return not isinstance(callback, Callback) or method is not getattr(Callback, hook)
+
+
+def check_sharding(*, parallelize: Any, mesh: Any, checkpoint: Any) -> None:
+    """Check ``parallelize`` and ``mesh`` (issue 15's options), each under its own name."""
+    if parallelize is not None and not callable(parallelize):
+        raise TypeError(f"parallelize must be a callable parallelize(model, mesh) -> model "
+                        f"or None, got {parallelize!r}")
+    if mesh is not None:
+        if parallelize is None:
+            raise ValueError("mesh= is handed to parallelize; pass parallelize= too")
+        if type(mesh).__name__ != "DeviceMesh":
+            raise TypeError(f"mesh must be a torch.distributed DeviceMesh or None, got "
+                            f"{type(mesh).__name__}")
+    if parallelize is not None and isinstance(checkpoint, CheckpointManager) \
+            and checkpoint.format == "file":
+        raise ValueError("parallelize= shards the model, which a single file cannot hold: "
+                         "use checkpoint=CheckpointManager(..., format='dcp' or 'auto')")

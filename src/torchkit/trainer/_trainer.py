@@ -27,13 +27,14 @@ from torchkit.distributed import barrier, get_world_size, is_main_process
 from torchkit.progress import ProgressBar
 from torchkit.state import seed_everything
 from torchkit.trainer import _distributed as ddp
-from torchkit.trainer import _resume
+from torchkit.trainer import _resume, _sharding
 from torchkit.trainer._evaluation import EvalSums, unpack_step
 from torchkit.trainer._history import History
 from torchkit.trainer._ledger import make_ledger
 from torchkit.trainer._setup import (
     Metric,
     check_options,
+    check_sharding,
     hook_table,
     named_metrics,
     resolve_device,
@@ -112,6 +113,16 @@ class Trainer:
             losses in bulk about once a second, at each epoch end and before every
             checkpoint (so no checkpoint holds weights after a bad step); ``"skip"`` reads
             the gradients' finiteness at every optimizer step, one host sync each.
+        parallelize: ``parallelize(model, mesh) -> model`` shards the model (FSDP2's
+            ``fully_shard``, tensor parallelism), called once here; the optimizer you
+            passed is re-pointed at the new (DTensor) parameters, keeping its groups and
+            options (it must not have stepped yet). A model whose parameters are
+            DTensors already is accepted as is; neither is wrapped in DDP. Checkpoints
+            then go through ``CheckpointManager(format="auto")`` (DCP, every rank
+            writes); every rank evaluates all of ``val_data`` (a sharded forward is a
+            collective), with the same results as a single process.
+        mesh: The ``DeviceMesh`` handed to ``parallelize``; ``None`` builds a 1-D mesh
+            over the process group.
 
     Attributes:
         model, optimizer, scheduler, scaler, accumulator, callbacks, logger, history:
@@ -164,6 +175,8 @@ class Trainer:
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         scheduler_monitor: str = "val_loss",
         nonfinite: Literal["raise", "skip"] = "raise",
+        parallelize: Callable[[nn.Module, Any], nn.Module] | None = None,
+        mesh: Any = None,
     ) -> None:
         callbacks = list(callbacks)
         check_options(model=model, optimizer=optimizer, loss_fn=loss_fn, scheduler=scheduler,
@@ -181,8 +194,12 @@ class Trainer:
                 f"device is {self.device}; use precision='bf16' on CPU"
             )
         model = model.to(self.device)
+        check_sharding(parallelize=parallelize, mesh=mesh, checkpoint=checkpoint)
+        model = _sharding.prepare(model, optimizer, parallelize, mesh, self.device)
+        self._sharded = _sharding.is_sharded(model)  # DTensor parameters: never DDP
         self._world = get_world_size()
-        if self._world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
+        if self._world > 1 and not self._sharded and not isinstance(
+                model, nn.parallel.DistributedDataParallel):
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model, self.optimizer, self.loss_fn, self.scheduler = model, optimizer, loss_fn, \
@@ -310,7 +327,7 @@ class Trainer:
         # need no all-reduce of their own.
         self.accumulator.global_weights = sharded is train_data
         train_data = sharded
-        val_data = ddp.shard(val_data, train=False, seed=seed)
+        val_data = val_data if self._sharded else ddp.shard(val_data, train=False, seed=seed)
         self._graph_pending = self.logger is not None and is_main_process() and \
             callable(getattr(self.logger, "log_graph", None))
         self._call("on_fit_start")
@@ -496,7 +513,8 @@ class Trainer:
         process's; objects with ``update/compute/reset`` see only their rank's share
         unless they synchronise themselves (as torchmetrics does).
         """
-        data = ddp.shard(data, train=False, seed=0)
+        if not self._sharded:  # a sharded model's forward is a collective: all see all
+            data = ddp.shard(data, train=False, seed=0)
         was_training = self.model.training
         self.model.eval()
         sums = EvalSums(self.metrics, self.device)
@@ -553,7 +571,7 @@ class Trainer:
         state = _resume.checkpoint_state(self)
         self._call("on_checkpoint_save", state)
         self._resume_point.capture(mid_epoch=self.batch_idx > 0)  # every rank's RNG
-        if is_main_process():
+        if is_main_process() or self.checkpoint.uses_dcp(state):  # DCP: every rank writes
             self.checkpoint.save(state, step=self.global_step, epoch=self.epoch, metrics=metrics)
         barrier()  # no rank goes on (or reads it) before the file is complete
 

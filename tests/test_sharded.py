@@ -1,0 +1,226 @@
+"""Sharded training: FSDP2 in the Trainer and GradAccumulator, DCP checkpoints, resharding.
+
+One 2-rank launch (about 10 s of start-up on 2 cores) runs every multi-rank case; the
+assertions on its results, and the single-process references, run in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import torchkit as tk
+
+EPOCHS = 2
+
+
+def data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 6, generator=g)
+    train = TensorDataset(x, (x[:, 0] - x[:, 1] > 0).long())
+    xv = torch.randn(101, 6, generator=g)  # not divisible by the world size
+    return train, TensorDataset(xv, (xv[:, 0] - xv[:, 1] > 0).long())
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+class CrashAt(tk.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def fit(directory, *, batch, world, crash=None, resume=None, callbacks=()):
+    """Adam, uneven micro-batches (5 + 5, then a last window of 2) and checkpoints."""
+    train, val = data()
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    manager = None if directory is None else tk.CheckpointManager(directory, keep_last=2)
+    trainer = tk.Trainer(model, opt, F.cross_entropy, accumulate=2, progress=False,
+                         device="cpu", metrics={"acc": tk.accuracy}, checkpoint=manager,
+                         checkpoint_every=None if manager is None else 3,
+                         parallelize=shard if world > 1 else None,
+                         callbacks=[*callbacks, *([CrashAt(crash)] if crash else [])])
+    trainer.fit(DataLoader(train, batch_size=batch), DataLoader(val, batch_size=7),
+                epochs=EPOCHS, resume=resume)
+    return trainer
+
+
+def full_state(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True)).items()}
+
+
+def _world(root: str) -> dict:
+    torch.set_num_threads(1)
+    root_path = Path(root)
+    rank = dist.get_rank()
+    counts = {"n": 0}
+    reduce_scatter = dist.reduce_scatter_single
+
+    def counted(*args, **kwargs):
+        counts["n"] += 1
+        return reduce_scatter(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted  # what FSDP2 calls, looked up at call time
+    try:
+        trainer = fit(root_path / "a", batch=5, world=2)
+    finally:
+        dist.reduce_scatter_single = reduce_scatter
+    out = {"weights": full_state(trainer.model), "history": trainer.history.records,
+           "steps": trainer.global_step, "reduce_scatters": counts["n"],
+           "ddp": isinstance(trainer.model, nn.parallel.DistributedDataParallel),
+           "dtensor": type(next(trainer.model.parameters())).__name__,
+           "opt_is_model": trainer.optimizer.param_groups[0]["params"][0]
+           is next(trainer.model.parameters())}
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(root_path / "b", batch=5, world=2, crash=5)
+    out["resumed"] = full_state(fit(root_path / "b", batch=5, world=2, resume="latest").model)
+    # A checkpoint written by one plain process loads into the 2-rank sharded model.
+    model = shard(make_model(), None)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    tk.CheckpointManager(root_path / "one").load("latest", {"model": model, "optimizer": opt})
+    out["from_one"] = full_state(model)
+    out["rank"] = rank
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    # Written first by this plain process, loaded by the 2 ranks.
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model(torch.ones(2, 6)).sum().backward()
+    opt.step()
+    tk.CheckpointManager(root / "one", format="dcp").save({"model": model, "optimizer": opt},
+                                                          step=1)
+    results = tk.launch(_world, str(root), nprocs=2, backend="gloo")
+    return root, results, model
+
+
+@pytest.mark.distributed
+def test_fsdp2_trainer_equals_one_process_on_the_full_batch(world):
+    _, results, _ = world
+    single = fit(None, batch=10, world=1)
+    for result in results:
+        assert not result["ddp"] and result["dtensor"] == "DTensor" and result["opt_is_model"]
+        assert result["steps"] == single.global_step == EPOCHS * 4
+        for key, value in single.module.state_dict().items():
+            torch.testing.assert_close(result["weights"][key], value, atol=2e-6, rtol=1e-5)
+        for mine, ref in zip(result["history"], single.history.records):
+            assert mine.keys() == ref.keys()
+            for key in ref:
+                assert mine[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.distributed
+def test_accumulation_skips_the_reduce_scatter_inside_a_window(world):
+    _, results, _ = world
+    # Two fully_shard groups hold parameters (the root holds none). Per epoch: 7
+    # micro-batches in 4 windows (the last, partial one reduced by flush); reducing
+    # every micro-batch would cost 2 * 7 reduce-scatters, once per window costs 2 * 4.
+    for result in results:
+        assert result["reduce_scatters"] == 2 * 4 * EPOCHS
+
+
+@pytest.mark.distributed
+def test_a_resumed_fsdp2_run_is_bitwise_identical(world):
+    _, results, _ = world
+    for result in results:
+        for key, value in result["weights"].items():
+            assert torch.equal(result["resumed"][key], value), key
+
+
+@pytest.mark.distributed
+def test_dcp_checkpoints_load_under_another_world_size(world):
+    root, results, model = world
+    for result in results:  # written by 1 process, loaded by 2
+        for key, value in model.state_dict().items():
+            assert torch.equal(result["from_one"][key], value), key
+    # written by 2 ranks, loaded by this plain process into a plain model and optimizer
+    manager = tk.CheckpointManager(root / "a")
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-000000006",
+                                                       "checkpoint-000000008"]
+    assert all(p.is_dir() for p in manager.checkpoints())
+    plain = make_model()
+    opt = torch.optim.Adam(plain.parameters(), lr=0.05)
+    meta = manager.load("latest", {"model": plain, "optimizer": opt})
+    assert meta["step"] == 8 and meta["epoch"] == EPOCHS - 1  # History["epoch"]
+    for key, value in plain.state_dict().items():
+        assert torch.equal(results[0]["weights"][key], value), key
+    assert opt.state_dict()["state"][0]["step"].item() == 8
+    # consolidated into one file that load_checkpoint reads into a plain model
+    out = tk.consolidate_checkpoint(manager.latest(), root / "model.pt")
+    again = make_model()
+    assert tk.load_checkpoint(out, {"model": again})["step"] == 8
+    for key, value in again.state_dict().items():
+        assert torch.equal(results[0]["weights"][key], value), key
+
+
+_KILL = """
+import os, sys, torch, torchkit as tk
+from torchkit.checkpoint import _dcp
+from torch import nn
+manager = tk.CheckpointManager(sys.argv[1], format="dcp")
+model = nn.Linear(3, 2)
+manager.save({"model": model}, step=1)
+real = _dcp.write_payload
+_dcp.write_payload = lambda *a, **k: os._exit(9)  # killed after the shards were written
+with torch.no_grad():
+    model.weight.add_(1.0)
+manager.save({"model": model}, step=2)
+"""
+
+
+def test_a_kill_during_a_dcp_save_leaves_the_previous_checkpoint(tmp_path):
+    run = subprocess.run([sys.executable, "-c", _KILL, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 9, run.stderr
+    assert any(".tmp-" in p.name for p in tmp_path.iterdir())  # the interrupted save
+    manager = tk.CheckpointManager(tmp_path)
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-000000001"]
+    assert not any(".tmp-" in p.name for p in tmp_path.iterdir())  # removed on start
+    model = nn.Linear(3, 2)
+    assert manager.load("latest", {"model": model})["step"] == 1
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
+    manager = tk.CheckpointManager(tmp_path, format="dcp")
+    path = manager.save({"model": nn.Linear(3, 2)}, step=1)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    import pickle
+
+    (path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(tk.CheckpointError, match="unsafe or corrupt .metadata"):
+        manager.load(path, {"model": nn.Linear(3, 2)})
+    assert not (tmp_path / "pwned").exists()
