@@ -49,7 +49,7 @@ def test_ema_warmup_decay_follows_the_closed_form():
     model = nn.Linear(2, 1, bias=False)
     ema = tk.ModelEMA(model, decay=0.5, warmup_steps=3)
     decays = []
-    for n in range(5):
+    for _ in range(5):
         decays.append(ema.current_decay())
         before = ema.module.weight.clone()
         with torch.no_grad():

@@ -94,3 +94,12 @@ def test_bad_values_raise():
         tk.param_groups(_net(), [("3.*", 0.1)])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="lrs keys must be glob patterns"):
         tk.param_groups(_net(), {3: 0.1})  # type: ignore[dict-item]
+
+
+def test_unfreeze_adds_a_named_group_beside_named_groups():
+    net = _net()
+    tk.freeze(net, "0")
+    opt = torch.optim.AdamW(tk.param_groups(net, lr=1e-3))
+    tk.unfreeze(net, "0", optimizer=opt, lr=1e-4)  # torch refuses unnamed beside named
+    assert opt.param_groups[-1]["param_names"] == ["0.weight", "0.bias"]
+    assert opt.param_groups[-1]["lr"] == 1e-4

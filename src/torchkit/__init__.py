@@ -3,13 +3,17 @@
 from torchkit import vision as vision
 from torchkit._version import __version__
 from torchkit.accumulation import GradAccumulator
-from torchkit.callbacks import Callback
+from torchkit.averaging import SWA, ModelEMA, update_bn
+from torchkit.callbacks import Callback, Throughput, TimeLimit, UnfreezeSchedule
 from torchkit.checkpoint import (
     CheckpointError,
     CheckpointManager,
     consolidate_checkpoint,
+    extract_weights,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
+    save_weights,
 )
 from torchkit.clipping import clip_grad_adaptive, clip_grad_norm, clip_grad_value, grad_norm
 from torchkit.distributed import (
@@ -36,7 +40,15 @@ from torchkit.quantization import (
     quantize_dynamic,
     quantize_static,
 )
-from torchkit.state import Stateful, get_rng_state, seed_everything, set_rng_state
+from torchkit.schedules import warmup_constant, warmup_cosine, warmup_linear
+from torchkit.state import (
+    Stateful,
+    get_rng_state,
+    loader_generator,
+    seed_everything,
+    seed_worker,
+    set_rng_state,
+)
 from torchkit.surgery import (
     LayerSummary,
     ModelSummary,
@@ -44,36 +56,45 @@ from torchkit.surgery import (
     count_parameters,
     find_head,
     freeze,
+    init_weights,
     insert_after,
     insert_before,
+    param_groups,
     replace_head,
     summary,
     trainable_parameters,
     unfreeze,
 )
 from torchkit.trainer import History, Trainer
+from torchkit.tuning import LRFinderResult, find_lr
 
 __all__ = [
+    "SWA",
     "CSVLogger",
-    "Captured",
     "Callback",
+    "Captured",
     "CheckpointError",
     "CheckpointManager",
     "ConfusionMatrix",
     "EarlyStopping",
     "GradAccumulator",
     "History",
+    "LRFinderResult",
     "LaunchError",
     "LayerSummary",
     "Logger",
     "MLflowLogger",
     "Metric",
+    "ModelEMA",
     "ModelSummary",
     "ProgressBar",
     "PruningSchedule",
     "Stateful",
     "TensorBoardLogger",
+    "Throughput",
+    "TimeLimit",
     "Trainer",
+    "UnfreezeSchedule",
     "WandbLogger",
     "__version__",
     "accuracy",
@@ -87,21 +108,27 @@ __all__ = [
     "consolidate_checkpoint",
     "convert_qat",
     "count_parameters",
+    "extract_weights",
     "feature_grid",
     "find_head",
+    "find_lr",
     "freeze",
     "get_rank",
     "get_rng_state",
     "get_world_size",
     "grad_cam",
     "grad_norm",
+    "init_weights",
     "insert_after",
     "insert_before",
     "is_main_process",
     "launch",
     "load_checkpoint",
+    "load_weights",
+    "loader_generator",
     "misclassified",
     "model_size",
+    "param_groups",
     "plot_samples",
     "prepare_qat",
     "prune",
@@ -112,10 +139,16 @@ __all__ = [
     "replace_head",
     "restore_pruning",
     "save_checkpoint",
+    "save_weights",
     "seed_everything",
+    "seed_worker",
     "set_rng_state",
     "sparsity",
     "summary",
     "trainable_parameters",
     "unfreeze",
+    "update_bn",
+    "warmup_constant",
+    "warmup_cosine",
+    "warmup_linear",
 ]

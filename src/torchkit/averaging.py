@@ -31,17 +31,20 @@ __all__ = ["SWA", "ModelEMA", "update_bn"]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds: a DTensor's local shard, or the tensor itself."""
+    """The tensor this rank holds: a DTensor's local shard, or the tensor itself.
+
+    Callers work under ``torch.no_grad()``, so parameters are used as they are.
+    """
     to_local = getattr(tensor, "to_local", None)
-    return (to_local() if callable(to_local) else tensor).detach()  # type: ignore[no-any-return]
+    return to_local() if callable(to_local) else tensor
 
 
 def _tensors(model: nn.Module, *, buffers: bool) -> dict[str, torch.Tensor]:
     """Parameters (and buffers) by qualified name, as the local tensors they are stored in."""
-    named = dict(model.named_parameters())
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
     if buffers:
         named.update(model.named_buffers())
-    return {name: _local(t) for name, t in named.items()}
+    return named
 
 
 def _check_device(device: object) -> torch.device | None:
@@ -70,8 +73,9 @@ class _Average(Callback):
         self.module: nn.Module | None = None
         if any(callable(getattr(p, "to_local", None)) for p in model.parameters()):
             # FSDP2 cannot be deep-copied: keep this rank's shards only, no module.
-            mine = {n: self._to_mine([t])[0].clone()
-                    for n, t in _tensors(model, buffers=True).items()}
+            with torch.no_grad():
+                mine = {n: self._to_mine([_local(t)])[0].clone()
+                        for n, t in _tensors(model, buffers=True).items()}
         else:
             module = copy.deepcopy(model)
             if self.device is not None:
@@ -79,6 +83,8 @@ class _Average(Callback):
             self.module = module.requires_grad_(False).eval()
             mine = _tensors(self.module, buffers=True)
         self.num_updates = 0
+        self._cache: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
+        mine = {n: _local(t) for n, t in mine.items()}
         self._averaged = [t for n, t in mine.items() if self._averages(n, t)]
         self._copied = [t for n, t in mine.items() if not self._averages(n, t)]
         self._names = [n for n, t in mine.items() if self._averages(n, t)]
@@ -91,15 +97,23 @@ class _Average(Callback):
         return name in self._params or self.include_buffers
 
     def _live(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``model``'s tensors that match the averaged and the copied ones, in order."""
-        live = _tensors(unwrap(model), buffers=True)
-        missing = [n for n in self._names + self._copied_names if n not in live]
-        if missing:
-            raise KeyError(
-                f"model has no {', '.join(missing[:5])} (and {max(len(missing) - 5, 0)} "
-                f"more): pass the model this {type(self).__name__} was built from"
-            )
-        return [live[n] for n in self._names], [live[n] for n in self._copied_names]
+        """``model``'s tensors that match the averaged and the copied ones, in order.
+
+        Looked up by name once per model (the lookup costs as much as the update), so
+        build a new average after replacing a layer of the model.
+        """
+        model = unwrap(model)
+        if self._cache is None or self._cache[0] != id(model):
+            live = _tensors(model, buffers=True)
+            missing = [n for n in self._names + self._copied_names if n not in live]
+            if missing:
+                raise KeyError(
+                    f"model has no {', '.join(missing[:5])} (and {max(len(missing) - 5, 0)} "
+                    f"more): pass the model this {type(self).__name__} was built from"
+                )
+            self._cache = (id(model), [live[n] for n in self._names],
+                           [live[n] for n in self._copied_names])
+        return [_local(t) for t in self._cache[1]], [_local(t) for t in self._cache[2]]
 
     def _to_mine(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.device is None:
@@ -132,7 +146,7 @@ class _Average(Callback):
         """
         mine, names = self._swap_names()
         live_all = _tensors(unwrap(model), buffers=True)
-        live = [live_all[n] for n in names]
+        live = [_local(live_all[n]) for n in names]
         with torch.no_grad():
             saved = [t.clone() for t in live]
             torch._foreach_copy_(live, [t.to(d.device) for t, d in zip(mine, live)])
@@ -146,7 +160,7 @@ class _Average(Callback):
         """Copy the averaged weights into ``model`` (for good) and return it."""
         mine, names = self._swap_names()
         live_all = _tensors(unwrap(model), buffers=True)
-        live = [live_all[n] for n in names]
+        live = [_local(live_all[n]) for n in names]
         with torch.no_grad():
             torch._foreach_copy_(live, [t.to(d.device) for t, d in zip(mine, live)])
         return model

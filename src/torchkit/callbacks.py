@@ -312,7 +312,7 @@ class Throughput(Callback):
             result["flops_per_s"] = result["samples_per_s"] * self.flops_per_sample
             if self.peak_flops is not None:
                 result["mfu"] = result["flops_per_s"] / self.peak_flops
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return result
 

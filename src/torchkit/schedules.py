@@ -45,7 +45,7 @@ def _check(optimizer: object, total_steps: int | None, warmup_steps: object, min
             and warmup_steps > total_steps:  # type: ignore[operator]
         errors.append(f"warmup_steps must be <= total_steps={total_steps}, got {warmup_steps}")
     if not (isinstance(min_lr, numbers.Real) and not isinstance(min_lr, bool)
-            and math.isfinite(min_lr) and min_lr >= 0):
+            and math.isfinite(min_lr) and float(min_lr) >= 0):
         errors.append(f"min_lr must be a finite number >= 0, got {min_lr!r}")
     if not (isinstance(warmup_start_factor, numbers.Real)
             and not isinstance(warmup_start_factor, bool)

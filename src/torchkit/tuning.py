@@ -112,7 +112,7 @@ class LRFinderResult:
         fig.tight_layout()
         if path is not None:
             fig.savefig(os.fspath(path))
-        return fig
+        return fig  # type: ignore[no-any-return]
 
 
 def _check(start_lr: float, end_lr: float, num_steps: int, smooth: float,

@@ -140,7 +140,7 @@ def unfreeze(
         if _is_locked(norm):
             _unlock(norm, training=model.training)
     if optimizer is not None:
-        _add_group(optimizer, [p for _, p in changed], lr)
+        _add_group(optimizer, changed, lr)
     return [name for name, _ in changed]
 
 
@@ -318,12 +318,16 @@ def _unlock(module: nn.Module, *, training: bool) -> None:
     module.train(training)
 
 
-def _add_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+def _add_group(optimizer: torch.optim.Optimizer, named: list[tuple[str, nn.Parameter]],
                lr: float | None) -> None:
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    new = [p for p in params if id(p) not in held]
+    new = [(n, p) for n, p in named if id(p) not in held]
     if new:
-        group: dict[str, object] = {"params": new}
+        group: dict[str, object] = {"params": [p for _, p in new]}
         if lr is not None:
             group["lr"] = lr
+        if all("param_names" in g for g in optimizer.param_groups):
+            # torch refuses a group without names beside named ones (tk.param_groups)
+            group["param_names"] = [n for n, _ in new]
+            group["name"] = f"unfrozen {len(optimizer.param_groups)}"
         optimizer.add_param_group(group)

@@ -32,7 +32,7 @@ class GroupList(list[dict[str, Any]]):
 
 def _is_lr(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) \
-        and math.isfinite(value) and value >= 0
+        and math.isfinite(value) and float(value) >= 0
 
 
 def _check(lrs: Mapping[str, float] | None, lr: float | None, weight_decay: float,
@@ -128,6 +128,7 @@ def param_groups(
     groups: dict[str, dict[str, Any]] = {}
     claimed = {p: 0 for p in patterns}
     for name, param in trainable:
+        group_lr: float | None
         pattern = next((p for p in patterns if matches(name, [p])), None)
         if pattern is not None:
             claimed[pattern] += 1

@@ -19,7 +19,7 @@ __all__ = ["PlannedStop", "averaged_weights", "check_max_steps", "load_order",
            "restore_groups", "saves_on_stop"]
 
 
-class PlannedStop(Exception):  # noqa: N818 - a control-flow signal, not an error
+class PlannedStop(Exception):
     """Raised at an optimizer-step boundary to end ``fit`` normally."""
 
 

@@ -27,12 +27,16 @@ from torchkit.distributed import barrier, get_world_size, is_main_process
 from torchkit.progress import ProgressBar
 from torchkit.state import seed_everything
 from torchkit.trainer import _distributed as ddp
-from torchkit.trainer import _resume, _sharding
-from torchkit.trainer._evaluation import EvalSums, unpack_step
+from torchkit.trainer import _recipes, _resume, _sharding
+from torchkit.trainer._compile import CompiledModels, compile_errors
+from torchkit.trainer._evaluation import EvalSums, scalars, unpack_step
+from torchkit.trainer._guards import StepLog, TrainSums, WeightsGuard
 from torchkit.trainer._history import History
 from torchkit.trainer._ledger import make_ledger
 from torchkit.trainer._setup import (
     Metric,
+    as_callbacks,
+    check_more_options,
     check_options,
     check_sharding,
     hook_table,
@@ -113,6 +117,11 @@ class Trainer:
             losses in bulk about once a second, at each epoch end and before every
             checkpoint (so no checkpoint holds weights after a bad step); ``"skip"`` reads
             the gradients' finiteness at every optimizer step, one host sync each.
+        compile: ``True`` or a dict of :func:`torch.compile` options (``{"mode":
+            "max-autotune"}``) compiles the model after any DDP wrap; ``evaluate`` and
+            ``predict`` run the compiled module too (without DDP). Checkpoints hold the
+            plain model, so they load into an uncompiled one. A failure of torch.compile
+            raises a ``RuntimeError`` naming this option. Off by default.
         parallelize: ``parallelize(model, mesh) -> model`` shards the model (FSDP2's
             ``fully_shard``, tensor parallelism), called once here; the optimizer you
             passed is re-pointed at the new (DTensor) parameters, keeping its groups and
@@ -123,11 +132,34 @@ class Trainer:
             collective), with the same results as a single process.
         mesh: The ``DeviceMesh`` handed to ``parallelize``; ``None`` builds a 1-D mesh
             over the process group.
+        clip_value: Clamp every gradient element into ``[-clip_value, clip_value]``
+            after unscaling, before the step (with ``max_grad_norm`` too: value first,
+            then norm; see ``GradAccumulator(clip_value=)``).
+        train_metrics: Metrics of the training batches, as ``metrics`` (callables or
+            objects with ``update/compute/reset``), accumulated on the device during
+            the epoch and reported as ``train_<name>``. The default ``train_step`` then
+            returns its outputs too; an overridden one must return a dict with
+            ``"loss"``, ``"outputs"`` and ``"targets"``. A run resumed mid-epoch counts
+            them from the resumed batch on.
+        log_every_n_steps: Also log ``train_loss_step`` (the mean loss of the batches
+            since the previous log, this rank's) and ``lr_step`` every this many
+            optimizer steps, with the optimizer step as ``step``; read on the host only
+            then.
+        hparams: Your hyper-parameters (``{"batch_size": 64, "augment": "flip"}``:
+            bool, int, float, str or None values), merged over the trainer's own into
+            what ``logger.log_hparams`` records at the end of ``fit``.
+
+    **Epoch numbers** are one convention, counted from 0: ``History["epoch"]``,
+    ``trainer.epoch`` during an epoch, ``EarlyStopping``'s ``best_step`` (one observation
+    per epoch), the ``epoch`` in the metadata of the checkpoint saved at the end of that
+    epoch (a mid-epoch checkpoint carries the epoch it was taken in) and the progress
+    bar's ``epoch 0 (1/5)``. So ``history.best_epoch("val_loss")`` names the checkpoint
+    ``CheckpointManager.best()`` holds when both watch ``val_loss``.
 
     Attributes:
         model, optimizer, scheduler, scaler, accumulator, callbacks, logger, history:
             The pieces in use (``scaler`` is ``None`` unless ``precision="16"``).
-        epoch: The current epoch, counted from 0.
+        epoch: The current epoch, counted from 0 (after ``fit``: the epochs done).
         batch_idx: Batches consumed in the current epoch.
         should_stop: Set it to ``True`` from a callback to end ``fit`` after the epoch.
         stop_reason: Why ``fit`` stopped early, or ``None``.
@@ -175,16 +207,25 @@ class Trainer:
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         scheduler_monitor: str = "val_loss",
         nonfinite: Literal["raise", "skip"] = "raise",
+        clip_value: float | None = None,
+        train_metrics: Mapping[str, Metric] | Sequence[Metric] | None = None,
+        log_every_n_steps: int | None = None,
+        hparams: Mapping[str, Any] | None = None,
         parallelize: Callable[[nn.Module, Any], nn.Module] | None = None,
         mesh: Any = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
-        callbacks = list(callbacks)
+        callbacks = as_callbacks(callbacks)
+        check_more_options(clip_value=clip_value, train_metrics=train_metrics,
+                           log_every_n_steps=log_every_n_steps, hparams=hparams,
+                           logger=logger)
         check_options(model=model, optimizer=optimizer, loss_fn=loss_fn, scheduler=scheduler,
                       precision=precision, accumulate=accumulate, max_grad_norm=max_grad_norm,
                       callbacks=callbacks, logger=logger, progress=progress,
                       checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                       scheduler_interval=scheduler_interval,
-                      scheduler_monitor=scheduler_monitor, nonfinite=nonfinite)
+                      scheduler_monitor=scheduler_monitor, nonfinite=nonfinite,
+                      compile=compile)
         if seed is not None:
             seed_everything(seed)
         self.device = resolve_device(device)
@@ -210,8 +251,18 @@ class Trainer:
         # accumulator need not read its gradients' finiteness back at every step.
         self.accumulator = GradAccumulator(optimizer, accumulate, model=self.model,
                                            scaler=self.scaler, max_norm=max_grad_norm,
-                                           skip_nonfinite=nonfinite == "skip")
+                                           skip_nonfinite=nonfinite == "skip",
+                                           clip_value=clip_value)
+        self.accumulator._skip_on_device = False  # the "skip" ledger books each skip now
+        self._compiled = CompiledModels(self.model, compile)  # after DDP and accumulator
+        self.model = self._compiled.train
         self.metrics = named_metrics(metrics)
+        self.train_metrics = named_metrics(train_metrics, option="train_metrics")
+        self.log_every_n_steps, self.hparams = log_every_n_steps, dict(hparams or {})
+        self._train_sums = TrainSums(self.train_metrics, self.device) if self.train_metrics \
+            else None
+        self._step_log = StepLog(log_every_n_steps)
+        self._weights_guard = WeightsGuard()
         self.callbacks, self.logger, self.progress = callbacks, logger, progress
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.scheduler_interval, self.scheduler_monitor = scheduler_interval, scheduler_monitor
@@ -224,6 +275,7 @@ class Trainer:
         self._stops = StopSignals()
         self._resume_point = _resume.ResumePoint()
         self._graph_pending = False
+        self._max_steps: int | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -244,7 +296,10 @@ class Trainer:
             The mean loss, or a dict with ``"loss"`` and optionally ``"outputs"``,
             ``"targets"`` and ``"batch_size"``.
         """
-        return self._default_step(batch)["loss"]  # type: ignore[no-any-return]
+        out = self._default_step(batch)
+        if self._train_sums is not None:  # train_metrics need the outputs too
+            return out
+        return out["loss"]  # type: ignore[no-any-return]
 
     def eval_step(self, batch: Any) -> torch.Tensor | Mapping[str, Any]:
         """Compute one evaluation batch's loss and outputs; same return as :meth:`train_step`.
@@ -252,11 +307,11 @@ class Trainer:
         Under DDP, run ``self.module`` (as the default does), not the DDP wrapper: ranks
         may see different numbers of batches, and DDP's forward talks to the others.
         """
-        return self._default_step(batch, self.module)
+        return self._default_step(batch, self._compiled.eval)  # self.module, compiled
 
     def predict_step(self, batch: Any) -> torch.Tensor:
         """Return the model's outputs for one batch (its inputs, or the whole batch)."""
-        return self.module(batch_inputs(batch))  # type: ignore[no-any-return]
+        return self._compiled.eval(batch_inputs(batch))  # type: ignore[no-any-return]
 
     def _default_step(self, batch: Any, model: nn.Module | None = None) -> dict[str, Any]:
         if self.loss_fn is None:
@@ -271,7 +326,8 @@ class Trainer:
     # -- fit -----------------------------------------------------------------------------
 
     def fit(self, train_data: Iterable[Any], val_data: Iterable[Any] | None = None, *,
-            epochs: int, resume: str | Path | None = None) -> History:
+            epochs: int, resume: str | Path | None = None,
+            max_steps: int | None = None) -> History:
         """Train for ``epochs`` epochs (in total, counting resumed ones) and return the history.
 
         The order of operations and hooks, exactly::
@@ -287,10 +343,13 @@ class Trainer:
                                                      #   normalise, clip, step, update, zero
                     on_train_batch_end
                     at a window end: scheduler.step() (interval "step"),
+                        on_optimizer_step; if it set should_stop (TimeLimit) or
+                        max_steps is reached: save, return (a planned stop);
                         checkpoint every checkpoint_every steps, and on SIGTERM/SIGINT:
                         save, then raise SystemExit / KeyboardInterrupt
-                accumulator.flush()                  # the epoch's partial window
-                evaluate(val_data), then on_validation_end
+                accumulator.flush()                  # the epoch's partial window, as above
+                evaluate(val_data) (averaged weights of ModelEMA/SWA(evaluate=True)),
+                    then on_validation_end
                 scheduler.step() (interval "epoch"; ReduceLROnPlateau with its metric)
                 history.append(record); logger.log_metrics(record, step=epoch)
                 on_epoch_end                         # EarlyStopping may set should_stop
@@ -308,17 +367,32 @@ class Trainer:
                 there is none yet) or a checkpoint path. On CPU with deterministic ops
                 the result is bitwise identical to an uninterrupted run, also when the
                 checkpoint was taken mid-epoch.
+            max_steps: Also end after this many optimizer steps in total (a planned
+                stop at that step: saved first when there is a ``checkpoint``).
 
         Returns:
             The :class:`History`, one record per epoch.
 
         Raises:
-            ValueError: If ``epochs`` is not a positive int or ``resume`` needs a
-                ``checkpoint`` manager that is missing.
-            FloatingPointError: On a nan/inf loss with ``nonfinite="raise"``.
+            ValueError: If ``epochs`` is not a positive int, ``resume`` needs a
+                ``checkpoint`` manager that is missing, the model has no trainable
+                parameters, ``train_data`` yields no batches or a batch has 0 samples.
+            TypeError: If ``resume`` is not a str, a path or None.
+            FloatingPointError: On a nan/inf loss with ``nonfinite="raise"``, or weights
+                made nan/inf by a nan/inf gradient (found with the bulk loss check, so
+                before any checkpoint is written).
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        self._max_steps = _recipes.check_max_steps(max_steps)
+        if resume is not None and not isinstance(resume, str | Path):
+            raise TypeError(f"resume must be 'latest', 'best', a checkpoint path or None, got "
+                            f"{type(resume).__name__}")
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "the model has no trainable parameters (none has requires_grad=True), so "
+                "fit cannot train it: unfreeze some (tk.unfreeze) or only evaluate/predict"
+            )
         if resume is not None:
             self._restore(resume)
         seed = 0 if self.seed is None else self.seed
@@ -328,13 +402,17 @@ class Trainer:
         self.accumulator.global_weights = sharded is train_data
         train_data = sharded
         val_data = val_data if self._sharded else ddp.shard(val_data, train=False, seed=seed)
+        # Only a logger that asks for it (TensorBoardLogger(log_graph=True)): an explicit
+        # logger.log_graph call always writes, so calling it is the decision.
         self._graph_pending = self.logger is not None and is_main_process() and \
-            callable(getattr(self.logger, "log_graph", None))
+            bool(getattr(self.logger, "graph_on_fit", False))
         self._call("on_fit_start")
         try:
-            with self._stops.installed():
-                while self.epoch < epochs and not self.should_stop:
+            with self._stops.installed(), compile_errors(self._compiled.option):
+                while self.epoch < epochs and not self.should_stop and not self._budget_spent():
                     self._run_epoch(train_data, val_data, epochs)
+        except _recipes.PlannedStop:
+            pass  # TimeLimit or max_steps, at an optimizer-step boundary: already saved
         except BaseException as error:
             self._call("on_exception", error)
             raise
@@ -343,7 +421,7 @@ class Trainer:
         if self.checkpoint is not None:
             self.checkpoint.wait()  # an async_save in flight is on disk when fit returns
         if self.logger is not None and is_main_process() and self.history.records:
-            final = {k: float(v) for k, v in self.history.records[-1].items()
+            final = {k: float(v) for k, v in scalars(self.history.records[-1]).items()
                      if k not in ("epoch", "lr")}
             self.logger.log_hparams(run_hparams(self, epochs), final)
             self.logger.flush()
@@ -360,23 +438,38 @@ class Trainer:
         self._call("on_epoch_start")
         self.model.train()
         total = len(train_data) if isinstance(train_data, Sized) else None
-        with ProgressBar(total, desc=f"epoch {self.epoch + 1}/{epochs}",
+        if not start:
+            self._step_log.open_epoch()
+            if self._train_sums is not None:
+                self._train_sums.open()
+        trained = self.batch_idx
+        # The epoch number is History's and the checkpoint's (from 0); then the progress.
+        with ProgressBar(total, desc=f"epoch {self.epoch} ({self.epoch + 1}/{epochs})",
                          enabled=self.progress and is_main_process()) as bar:
+            running = self._ledger.running  # bound once, not once per batch
             for batch in self._batches(train_data, start, bar):
                 self._train_batch(batch)
-                bar.update(1, self._ledger.running)
+                bar.update(1, running)
+            if self.batch_idx == trained == 0:
+                raise ValueError(
+                    f"train_data yielded no batches in epoch {self.epoch}: it is empty (an "
+                    "empty dataset, or drop_last=True with fewer samples than batch_size), "
+                    "so nothing would be trained"
+                )
             if self.accumulator.micro_step:
                 self._end_window(self.accumulator.flush())  # the epoch's partial window
             self._check_losses()
             train_loss = self._ledger.close_epoch()  # over all ranks
-            metrics = {} if train_loss is None else {"train_loss": train_loss}
+            metrics: dict[str, Any] = {} if train_loss is None else {"train_loss": train_loss}
+            if self._train_sums is not None:
+                metrics.update(self._train_sums.results())  # train_<name>, over all ranks
             metrics.update(self._validate(val_data))
             metrics["lr"] = float(lr)
             self._step_scheduler(metrics)
             bar.set_metrics(metrics)
         self.history.append({"epoch": self.epoch, **metrics})
         if self.logger is not None and is_main_process():
-            self.logger.log_metrics(metrics, step=self.epoch)
+            self.logger.log_metrics(scalars(metrics), step=self.epoch)
         self._call("on_epoch_end", metrics)
         self._sync_stops()  # every rank stops together, whoever decided
         self.epoch += 1
@@ -411,7 +504,11 @@ class Trainer:
         if isinstance(out, torch.Tensor):
             loss, size = out, batch_size(batch)
         else:
-            loss, _, _, size = unpack_step(out, batch)
+            loss, outputs, targets, size = unpack_step(out, batch)
+            if self._train_sums is not None:
+                self._train_sums.add(outputs, targets, size)
+        if not size:
+            _check_not_empty(batch, self.epoch, self.batch_idx)
         stepped = accumulator.backward(loss, batch_size=size or None)
         self._ledger.add(loss.detach(), size, self.batch_idx, accumulator.num_steps)
         self.batch_idx += 1
@@ -419,6 +516,15 @@ class Trainer:
             self._call("on_train_batch_end", batch, self.batch_idx - 1)
         if accumulator.micro_step == 0:
             self._end_window(stepped)
+
+    def _log_step(self) -> None:
+        """``log_every_n_steps``: the loss since the last log and the LR (one host read)."""
+        if self.logger is None or not is_main_process():
+            return
+        ledger = self._ledger
+        values = self._step_log.values(ledger.running(), ledger.epoch_count + ledger.window_size,
+                                       lr=self.optimizer.param_groups[0]["lr"])
+        self.logger.log_metrics(values, step=self.global_step)
 
     def _log_graph(self, batch: Any) -> None:
         self._graph_pending = False
@@ -433,38 +539,73 @@ class Trainer:
         """After an optimizer step (or a skipped one): bookkeeping, scheduler, saves, signals."""
         self._ledger.end_window(stepped, epoch=self.epoch, batch_idx=self.batch_idx - 1,
                                 step=self.global_step)
+        if self._step_log.every and self._step_log.due(self.global_step):
+            self._log_step()
         # Under DDP at fixed steps, so ranks agree; alone, when a bulk loss check is due.
         if self.global_step % SYNC_EVERY == 0 if self._world > 1 else self._ledger.due():
             self._sync_stops()
         if stepped and self.scheduler is not None:
             self._step_scheduler(None)
+        if self._after_step() and not self._stops.ready():
+            self._planned_stop()
         every = self.checkpoint_every
         if every and self.global_step % every == 0:
             self._save(None)
         if self._stops.ready():
             self._stop_on_signal()
 
+    def _after_step(self) -> bool:
+        """Call ``on_optimizer_step``; whether a planned stop is due at this step."""
+        stopped = self.should_stop
+        if self._hooks["on_optimizer_step"]:
+            self._call("on_optimizer_step")
+        if self._budget_spent() and not self.should_stop:
+            self.should_stop, self.stop_reason = True, f"max_steps={self._max_steps} reached"
+        return self.should_stop and not stopped
+
+    def _budget_spent(self) -> bool:
+        return self._max_steps is not None and self.global_step >= self._max_steps
+
+    def _planned_stop(self) -> NoReturn:
+        """Save (as a run that can go on when resumed), then end ``fit`` normally."""
+        reason = self.stop_reason
+        if self.checkpoint is not None and _recipes.saves_on_stop(self.callbacks):
+            self.should_stop, self.stop_reason = False, None
+            self._save(None)
+        self.should_stop, self.stop_reason = True, reason
+        raise _recipes.PlannedStop
+
     def _check_losses(self) -> None:
         """Fold the pending losses; raise if one was nan/inf (when checked in bulk)."""
         self._ledger.fold()  # on every rank, at fixed points, so the sums are exact
         if self._ledger.checks_in_bulk:
-            self._sync_stops()
+            self._sync_stops(weights=True)
 
-    def _sync_stops(self) -> None:
+    def _sync_stops(self, *, weights: bool = False) -> None:
         """The one cross-rank stop check: should_stop, a signal and a nan loss, shared."""
         nonfinite = self._ledger.nonfinite()
+        # An inf/nan gradient with a finite loss ruins the weights without a bad loss:
+        # checked here too, with the losses (in bulk, so off the per-step path).
+        # Always at epoch ends and before saves (weights=True); timed checks within budget.
+        weights_bad = not nonfinite and self._ledger.checks_in_bulk and self._weights_guard.bad(
+            self.model, epoch=self.epoch, batch_idx=self.batch_idx - 1, step=self.global_step,
+            force=weights)
+        nonfinite = nonfinite or weights_bad
         stop_any, nonfinite_any = self._stops.sync(should_stop=self.should_stop,
                                                    nonfinite=nonfinite, device=self.device)
         if stop_any and not self.should_stop:
             self.should_stop, self.stop_reason = True, "another rank decided to stop"
         if nonfinite_any:
+            if weights_bad:
+                raise self._weights_guard.error()
             raise self._ledger.error(self.epoch, here=nonfinite)
 
-    def _validate(self, val_data: Iterable[Any] | None) -> dict[str, float]:
+    def _validate(self, val_data: Iterable[Any] | None) -> dict[str, Any]:
         """Evaluate ``val_data`` (if given), then call ``on_validation_end``."""
         if val_data is None:
             return {}
-        metrics = self.evaluate(val_data)
+        with _recipes.averaged_weights(self):
+            metrics = self.evaluate(val_data)
         self._call("on_validation_end", metrics)
         return metrics
 
@@ -495,7 +636,7 @@ class Trainer:
     # -- evaluate and predict -------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, data: Iterable[Any], *, prefix: str = "val") -> dict[str, float]:
+    def evaluate(self, data: Iterable[Any], *, prefix: str = "val") -> dict[str, Any]:
         """Return the sample-weighted mean loss and every metric over ``data``.
 
         Args:
@@ -503,27 +644,40 @@ class Trainer:
             prefix: The key prefix: ``val_loss``, ``val_acc``, ... by default.
 
         Returns:
-            ``{f"{prefix}_loss": ..., f"{prefix}_<metric>": ...}`` as Python floats.
+            ``{f"{prefix}_loss": ..., f"{prefix}_<metric>": ...}`` as Python floats; a
+            metric whose value is a larger tensor (``tk.ConfusionMatrix``) is reported
+            under its own name as that tensor, on the CPU (never dropped; loggers get
+            the scalars).
 
         Raises:
-            ValueError: If ``data`` has no samples.
+            ValueError: If ``data`` has no samples or ``prefix`` is empty.
+            TypeError: If ``prefix`` is not a str, a metric computes something that is
+                not a number or tensor, or (under a process group) a stateful metric
+                cannot be reduced over ranks (see :func:`~torchkit.Metric`).
 
         Under a process group every rank evaluates its share of a DataLoader (each sample
         exactly once, no padding) and the sums are reduced, so the results equal a single
-        process's; objects with ``update/compute/reset`` see only their rank's share
-        unless they synchronise themselves (as torchmetrics does).
+        process's; objects with ``update/compute/reset`` are reduced over ranks before
+        ``compute`` through their ``all_reduce()`` (``tk.ConfusionMatrix`` has one, so its
+        ``precision()``/``recall()``/``f1()`` cover all ranks too), or synchronise
+        themselves (torchmetrics).
         """
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str such as 'val' or 'test', got {prefix!r}")
+        if not prefix:
+            raise ValueError("prefix must be a non-empty str such as 'val' or 'test', got ''")
         if not self._sharded:  # a sharded model's forward is a collective: all see all
             data = ddp.shard(data, train=False, seed=0)
         was_training = self.model.training
         self.model.eval()
         sums = EvalSums(self.metrics, self.device)
         try:
-            for batch in data:
-                batch = to_device(batch, self.device)
-                with self._autocast():
-                    out = self.eval_step(batch)
-                sums.add(*unpack_step(out, batch))
+            with compile_errors(self._compiled.option):
+                for batch in data:
+                    batch = to_device(batch, self.device)
+                    with self._autocast():
+                        out = self.eval_step(batch)
+                    sums.add(*unpack_step(out, batch))
         finally:
             self.model.train(was_training)
         return sums.results(prefix)
@@ -533,16 +687,31 @@ class Trainer:
         """Return :meth:`predict_step`'s outputs for every batch, concatenated in order.
 
         The model runs in eval mode under the trainer's precision; outputs are moved to
-        the CPU batch by batch so large predictions do not fill the GPU.
+        the CPU batch by batch so large predictions do not fill the GPU. Outputs of a
+        lower precision (``precision="bf16"``/``"16"``) come back as float32. A bare
+        tensor is one batch of inputs (``predict(x)`` is ``predict([x])``), never
+        iterated row by row.
+
+        Raises:
+            ValueError: If ``data`` yields no batches.
+            TypeError: If ``data`` is not a tensor or an iterable of batches.
         """
+        if isinstance(data, torch.Tensor):
+            data = [data]  # one batch: iterating a tensor would make each row a batch
+        elif isinstance(data, str | bytes) or not isinstance(data, Iterable):
+            raise TypeError(f"data must be a DataLoader, an iterable of batches or a tensor, "
+                            f"got {type(data).__name__}")
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
             for batch in data:
-                with self._autocast():
+                with self._autocast(), compile_errors(self._compiled.option):
                     out = self.predict_step(to_device(batch, self.device))
-                outputs.append(out.detach().to("cpu"))
+                out = out.detach().to("cpu")
+                if out.dtype in (torch.bfloat16, torch.float16) and self.precision != "32":
+                    out = out.float()  # autocast's dtype is not the user's
+                outputs.append(out)
         finally:
             self.model.train(was_training)
         if not outputs:
@@ -572,12 +741,15 @@ class Trainer:
         self._call("on_checkpoint_save", state)
         self._resume_point.capture(mid_epoch=self.batch_idx > 0)  # every rank's RNG
         if is_main_process() or self.checkpoint.uses_dcp(state):  # DCP: every rank writes
-            self.checkpoint.save(state, step=self.global_step, epoch=self.epoch, metrics=metrics)
+            # One epoch numbering: an end-of-epoch save (with metrics) carries the epoch
+            # just finished, as History["epoch"] does; a mid-epoch one the running epoch.
+            epoch = self.epoch - 1 if metrics is not None else self.epoch
+            self.checkpoint.save(state, step=self.global_step, epoch=epoch, metrics=metrics)
         barrier()  # no rank goes on (or reads it) before the file is complete
 
     def _restore(self, resume: str | Path) -> None:
-        meta = _resume.load(resume, self.checkpoint, _resume.checkpoint_state(self),
-                            self._resume_point)
+        state = _recipes.load_order(_resume.checkpoint_state(self))  # groups, then optimizer
+        meta = _resume.load(resume, self.checkpoint, state, self._resume_point)
         if meta is None:
             return
         _log.info("resumed from %s (epoch %d, step %d)", meta["path"], self.epoch,
@@ -619,6 +791,7 @@ class Trainer:
         state_dict = _resume.upgrade_legacy(state_dict)  # what torchkit 0.1.0 saved, too
         check_keys(state_dict, expected=_STATE_KEYS, owner=type(self).__name__)
         _resume.load_callbacks(self.callbacks, state_dict["callbacks"])
+        _recipes.restore_groups(self)  # UnfreezeSchedule's groups, before the optimizer loads
         if self.logger is not None and state_dict["logger"] is not None:
             self.logger.load_state_dict(state_dict["logger"])
         self.epoch = state_dict["epoch"]
@@ -628,3 +801,27 @@ class Trainer:
         self._ledger.load_state_dict(state_dict["loss"])
         self._resume_point.load_state_dict(state_dict["rng"])
         self.history.load_state_dict(state_dict["history"])
+
+
+def _check_not_empty(batch: Any, epoch: int, batch_idx: int) -> None:
+    """Refuse a batch with 0 samples (its mean loss is nan): say what it is instead."""
+    shape = _first_shape(batch)
+    if shape is None or not shape or shape[0] != 0:
+        return  # a custom batch whose size is unknown
+    raise ValueError(
+        f"batch {batch_idx} of epoch {epoch} has 0 samples (its first tensor has shape "
+        f"{shape}): a 0-sample batch has no mean loss; check the sampler / "
+        "collate_fn, or drop empty batches"
+    )
+
+
+def _first_shape(batch: Any) -> tuple[int, ...] | None:
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape)
+    if not isinstance(batch, Mapping | list | tuple):
+        return None
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return None
