@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["fsdp_modules", "has_dtensor_params", "reduce_pending", "set_gradient_sync"]
+__all__ = ["fsdp_modules", "has_dtensor_params", "local_tensors", "reduce_pending",
+           "set_gradient_sync"]
 
 
 def has_dtensor_params(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a DTensor (FSDP2, tensor parallel)."""
     return any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
                for p in model.parameters())
+
+
+def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's part of each DTensor (a view: in-place changes reach the DTensor)."""
+    return [t.to_local() if type(t).__name__ == "DTensor" else t  # type: ignore[attr-defined]
+            for t in tensors]
 
 
 def fsdp_modules(model: nn.Module | None) -> list[Any]:

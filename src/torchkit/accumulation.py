@@ -299,10 +299,13 @@ class GradAccumulator:
         return torch.device("cpu")
 
     def _grads(self) -> list[torch.Tensor]:
-        return [
+        grads = [
             p.grad for group in self.optimizer.param_groups for p in group["params"]
             if p.grad is not None
         ]
+        if self._fsdp:  # FSDP2: each rank's shards, which the fused kernels take as they are
+            return _fsdp.local_tensors(grads)
+        return grads
 
     def _boundary_step(self) -> bool:
         scaler_enabled = self.scaler is not None and self.scaler.is_enabled()
@@ -356,6 +359,8 @@ class GradAccumulator:
                 inv_divisor = 1.0
             f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device))
             found = f if found is None else torch.maximum(found, f.to(found.device))
+        if self._fsdp and found is not None and dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)  # a shard's nan/inf: all ranks skip
         return found
 
     def _inverse(self, divisor: float | torch.Tensor, device: torch.device) -> torch.Tensor:
