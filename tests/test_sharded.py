@@ -107,7 +107,40 @@ def _world(root: str) -> dict:
     tk.CheckpointManager(root_path / "one").load("latest", {"model": model, "optimizer": opt})
     out["from_one"] = full_state(model)
     out["rank"] = rank
+    out.update(_stops(root_path, rank))
     return out
+
+
+class StopOnRankOne(tk.Callback):
+    def on_epoch_end(self, trainer, metrics):
+        if tk.get_rank() == 1:
+            trainer.should_stop = True
+
+
+class NanOnRankOne(nn.Module):
+    def forward(self, outputs, targets):
+        loss = F.cross_entropy(outputs, targets)
+        return loss * float("nan") if tk.get_rank() == 1 else loss
+
+
+def _stops(root: Path, rank: int) -> dict:
+    """Early stopping and nan checks stop every rank together, as under DDP."""
+    train, _ = data()
+    model = make_model()
+    trainer = tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy,
+                         parallelize=shard, progress=False, device="cpu",
+                         callbacks=[StopOnRankOne()])
+    trainer.fit(DataLoader(train, batch_size=8), epochs=3)
+    model = make_model()
+    nan = tk.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), NanOnRankOne(),
+                     parallelize=shard, progress=False, device="cpu")
+    try:
+        nan.fit(DataLoader(train, batch_size=8), epochs=1)
+        raised = ""
+    except FloatingPointError as error:
+        raised = str(error)
+    return {"stopped_after": len(trainer.history), "stop_reason": trainer.stop_reason,
+            "nan_error": raised}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +214,68 @@ def test_dcp_checkpoints_load_under_another_world_size(world):
     assert tk.load_checkpoint(out, {"model": again})["step"] == 8
     for key, value in again.state_dict().items():
         assert torch.equal(results[0]["weights"][key], value), key
+
+
+@pytest.mark.distributed
+def test_early_stopping_and_nan_checks_stop_every_rank_together(world):
+    _, results, _ = world
+    assert [r["stopped_after"] for r in results] == [1, 1]
+    assert results[0]["stop_reason"] == "another rank decided to stop"
+    assert all("nan" in r["nan_error"] or "inf" in r["nan_error"] for r in results)
+
+
+class DeviceMesh:  # what check_sharding accepts by type name, without a process group
+    pass
+
+
+def test_parallelize_repoints_the_optimizer_keeping_groups_and_options():
+    model = make_model()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                           {"params": model[2].parameters(), "momentum": 0.5}], lr=0.2)
+
+    def replace(model, mesh):  # like fully_shard: new Parameter objects, same names
+        assert isinstance(mesh, DeviceMesh)
+        for layer in (model[0], model[2]):
+            layer.weight = nn.Parameter(layer.weight.detach().clone())
+        return model
+
+    old = model[0].weight
+    trainer = tk.Trainer(model, opt, F.cross_entropy, parallelize=replace, mesh=DeviceMesh(),
+                         progress=False, device="cpu")
+    assert trainer.optimizer is opt and model[0].weight is not old
+    assert opt.param_groups[0]["params"][0] is model[0].weight
+    assert opt.param_groups[1]["params"][0] is model[2].weight
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+    assert [g["momentum"] for g in opt.param_groups] == [0, 0.5]
+    before = model[0].weight.detach().clone()
+    train, _ = data()
+    trainer.fit(DataLoader(train, batch_size=16), epochs=1)
+    assert not torch.equal(model[0].weight, before)  # the optimizer steps the new ones
+
+
+def test_sharding_options_are_checked_by_name(tmp_path):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="parallelize must be a callable"):
+        tk.Trainer(model, opt, parallelize="fsdp")
+    with pytest.raises(ValueError, match="mesh= is handed to parallelize"):
+        tk.Trainer(model, opt, mesh=DeviceMesh())
+    with pytest.raises(TypeError, match="mesh must be a torch.distributed DeviceMesh"):
+        tk.Trainer(model, opt, parallelize=shard, mesh="cpu")
+    with pytest.raises(ValueError, match="format='dcp' or 'auto'"):
+        tk.Trainer(model, opt, parallelize=shard, mesh=DeviceMesh(),
+                   checkpoint=tk.CheckpointManager(tmp_path, format="file"))
+    with pytest.raises(TypeError, match="must return the model"):
+        tk.Trainer(model, opt, parallelize=lambda m, mesh: None, mesh=DeviceMesh())
+    stepped = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 6)).sum().backward()
+    stepped.step()
+    with pytest.raises(ValueError, match="must not have state yet"):
+        tk.Trainer(model, stepped, parallelize=shard, mesh=DeviceMesh())
+    with pytest.raises(ValueError, match="format must be 'auto', 'file' or 'dcp'"):
+        tk.CheckpointManager(tmp_path, format="zip")
+    with pytest.raises(ValueError, match="async_save=True is for format='file'"):
+        tk.CheckpointManager(tmp_path, format="dcp", async_save=True)
 
 
 _KILL = """
