@@ -103,3 +103,25 @@ def test_schedule_errors():
         tk.warmup_cosine(opt, 5, min_lr=-1.0, warmup_start_factor=2.0)
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
         tk.warmup_constant(opt, warmup_steps=-1)
+
+
+def test_groups_added_later_join_the_schedule_and_resume(tmp_path):
+    def build() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = _opt(1.0)
+        return opt, tk.warmup_cosine(opt, 10, warmup_steps=2)
+
+    opt, sched = build()
+    _lrs(sched, opt, 4)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    opt.step()
+    sched.step()  # step 5
+    factor = (1 + math.cos(math.pi * 3 / 8)) / 2
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5 * factor)
+    assert opt.param_groups[0]["lr"] == pytest.approx(factor)
+    manager = tk.CheckpointManager(tmp_path)
+    manager.save({"optimizer": opt, "scheduler": sched}, step=5)
+    after = _lrs(sched, opt, 3, group=1)
+    opt, sched = build()
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    manager.load("latest", {"optimizer": opt, "scheduler": sched})
+    assert _lrs(sched, opt, 3, group=1) == after

@@ -5,6 +5,8 @@ once per optimizer step (``Trainer(scheduler_interval="step")``). The LR at step
 is a closed form of ``s`` alone, so a resumed scheduler (whose ``last_epoch`` is
 restored by ``load_state_dict``) continues exactly, also in the middle of the warm-up:
 nothing is composed from chained schedulers that would have to replay their history.
+Parameter groups added to the optimizer later (gradual unfreezing) join the schedule at
+the current step, with their own LR as base.
 
 With base LR ``base`` (each group's own), warm-up ``w`` and ``f0 = warmup_start_factor``:
 ``base * (f0 + (1 - f0) * s / w)`` for ``s < w``; then cosine ``min_lr + (base - min_lr)
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -77,12 +79,45 @@ def _factor(base: float, shape: _Shape, total: int, warmup: int, min_lr: float,
     return factor
 
 
+class _ClosedForm(LambdaLR):
+    """A ``LambdaLR`` that also schedules parameter groups added after it was made.
+
+    A group added later (``tk.unfreeze(optimizer=)``, ``UnfreezeSchedule``) joins the
+    schedule at the current step with its own LR as base; torch's schedulers would
+    fail on the group count instead.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 make: Callable[[float], Callable[[int], float]]) -> None:
+        self._make = make
+        bases = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        super().__init__(optimizer, [make(float(base)) for base in bases])
+
+    def _adopt_new_groups(self) -> None:
+        groups = self.optimizer.param_groups
+        while len(self.base_lrs) < len(groups):
+            group = groups[len(self.base_lrs)]
+            group.setdefault("initial_lr", group["lr"])
+            self.base_lrs.append(group["initial_lr"])
+        while len(self.lr_lambdas) < len(self.base_lrs):
+            self.lr_lambdas.append(self._make(float(self.base_lrs[len(self.lr_lambdas)])))
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        self._adopt_new_groups()
+        return super().get_lr()  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("_make", None)  # a function: not state, and not loadable weights-only
+        return state
+
+
 def _schedule(optimizer: torch.optim.Optimizer, shape: _Shape, total: int, warmup: int,
               min_lr: float, f0: float) -> LambdaLR:
-    bases = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
-    lambdas = [_factor(float(base), shape, total, warmup, float(min_lr), float(f0))
-               for base in bases]
-    return LambdaLR(optimizer, lambdas)
+    def make(base: float) -> Callable[[int], float]:
+        return _factor(base, shape, total, warmup, float(min_lr), float(f0))
+
+    return _ClosedForm(optimizer, make)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, *, warmup_steps: int = 0,
