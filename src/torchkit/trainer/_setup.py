@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,9 +11,19 @@ import torch
 from torchkit._utils import check_module
 from torchkit.callbacks import HOOKS, Callback
 from torchkit.checkpoint import CheckpointManager
+from torchkit.trainer._compile import check_compile
 
-__all__ = ["Metric", "check_options", "check_sharding", "hook_table", "named_metrics", "resolve_device",
-           "run_hparams"]
+__all__ = [
+    "Metric",
+    "as_callbacks",
+    "check_more_options",
+    "check_options",
+    "check_sharding",
+    "hook_table",
+    "named_metrics",
+    "resolve_device",
+    "run_hparams",
+]
 
 Metric = Callable[[Any, Any], Any] | Any  # a callable, or an object with update/compute/reset
 
@@ -24,7 +34,7 @@ def check_options(*, model: Any, optimizer: Any, loss_fn: Any, scheduler: Any,
                   precision: Any, accumulate: Any, max_grad_norm: Any, callbacks: list[Any],
                   logger: Any, progress: Any, checkpoint: Any, checkpoint_every: Any,
                   scheduler_interval: Any, scheduler_monitor: Any,
-                  nonfinite: Any) -> None:
+                  nonfinite: Any, compile: Any = False) -> None:
     """Check every Trainer option, naming each by its own name.
 
     A wrong ``model``, ``optimizer`` or callback raises ``TypeError`` at once; every
@@ -64,6 +74,9 @@ def check_options(*, model: Any, optimizer: Any, loss_fn: Any, scheduler: Any,
                       f"or None, got {logger!r}")
     if not isinstance(progress, bool):
         errors.append(f"progress must be True or False, got {progress!r}")
+    compile_error = check_compile(compile)
+    if compile_error is not None:
+        errors.append(compile_error)
     if checkpoint is not None and not isinstance(checkpoint, CheckpointManager):
         errors.append(f"checkpoint must be a CheckpointManager or None, got {checkpoint!r}")
     if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1):
@@ -85,6 +98,69 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_HPARAM_TYPES = (bool, int, float, str)
+
+
+def check_more_options(*, clip_value: Any, train_metrics: Any, log_every_n_steps: Any,
+                       hparams: Any, logger: Any) -> None:
+    """Check ``clip_value``, ``train_metrics``, ``log_every_n_steps`` and ``hparams``.
+
+    Each by its own name, collected into one ``ValueError`` (``train_metrics`` entries
+    are checked by :func:`named_metrics`, as ``metrics`` are).
+
+    Example:
+        >>> check_more_options(clip_value=None, train_metrics=None, log_every_n_steps=0,
+        ...                    hparams=None, logger=None)
+        Traceback (most recent call last):
+        ValueError: log_every_n_steps must be an int >= 1 or None, got 0
+    """
+    errors = []
+    if clip_value is not None and not (
+        isinstance(clip_value, numbers.Real) and not isinstance(clip_value, bool)
+        and float(clip_value) > 0
+    ):
+        errors.append(f"clip_value must be a positive number or None, got {clip_value!r}")
+    if log_every_n_steps is not None and (not _is_int(log_every_n_steps)
+                                          or log_every_n_steps < 1):
+        errors.append(f"log_every_n_steps must be an int >= 1 or None, got "
+                      f"{log_every_n_steps!r}")
+    if hparams is not None:
+        if not isinstance(hparams, Mapping):
+            errors.append(f"hparams must be a dict of name -> bool/int/float/str or None, "
+                          f"got {type(hparams).__name__}")
+        else:
+            for key, value in hparams.items():
+                if not isinstance(key, str) or not key:
+                    errors.append(f"hparams keys must be non-empty strings, got {key!r}")
+                elif not isinstance(value, _HPARAM_TYPES) and value is not None:
+                    errors.append(f"hparams[{key!r}] must be a bool, int, float, str or "
+                                  f"None, got {type(value).__name__}")
+    if train_metrics is not None and (not isinstance(train_metrics, Mapping | Sequence)
+                                      or isinstance(train_metrics, str)):
+        errors.append(f"train_metrics must be a dict of name -> metric, a sequence of "
+                      f"metrics or None, got {type(train_metrics).__name__}")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def as_callbacks(callbacks: Any) -> list[Any]:
+    """``Trainer(callbacks=...)`` as a list, or a ``TypeError`` naming the option.
+
+    Example:
+        >>> as_callbacks(3)
+        Traceback (most recent call last):
+        TypeError: callbacks must be an iterable of torchkit.Callback objects, got int
+    """
+    if isinstance(callbacks, Callback) or (hasattr(callbacks, "on_epoch_end")
+                                           and hasattr(callbacks, "state_dict")):
+        raise TypeError(f"callbacks must be an iterable of torchkit.Callback objects, got "
+                        f"one {type(callbacks).__name__}; wrap it in a list: callbacks=[...]")
+    if isinstance(callbacks, str | bytes | Mapping) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be an iterable of torchkit.Callback objects, got "
+                        f"{type(callbacks).__name__}")
+    return list(callbacks)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """Turn ``"auto"`` into CUDA, then MPS, then CPU; pass any other device through."""
     if device == "auto":
@@ -100,10 +176,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device must be 'auto' or a torch device, got {device!r}") from None
 
 
-def named_metrics(metrics: Mapping[str, Metric] | Sequence[Metric] | None) -> dict[str, Any]:
-    """Give every metric a name: mapping keys, or the callables' ``__name__``."""
+def named_metrics(metrics: Mapping[str, Metric] | Sequence[Metric] | None, *,
+                  option: str = "metrics") -> dict[str, Any]:
+    """Give every metric a name: mapping keys, or the callables' ``__name__``.
+
+    ``option`` is the Trainer option the metrics came from, named in errors.
+    """
     if metrics is None:
         return {}
+    if not isinstance(metrics, Mapping) and (
+        callable(metrics) or hasattr(metrics, "update") or isinstance(metrics, str)
+        or not isinstance(metrics, Sequence)
+    ):
+        raise TypeError(
+            f"{option} must be a dict of name -> metric (e.g. {{'acc': tk.accuracy}}), a "
+            f"list of metrics or None, got {type(metrics).__name__}"
+            + ("; wrap it: {'name': metric}" if callable(metrics) or hasattr(metrics, "update")
+               else "")
+        )
     if isinstance(metrics, Mapping):
         items = list(metrics.items())
     else:
@@ -111,15 +201,16 @@ def named_metrics(metrics: Mapping[str, Metric] | Sequence[Metric] | None) -> di
     named = {}
     for name, metric in items:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"metric names must be non-empty strings, got {name!r}")
+            raise TypeError(f"{option} names must be non-empty strings, got {name!r}")
         stateful = all(callable(getattr(metric, a, None)) for a in ("update", "compute", "reset"))
         if not stateful and not callable(metric):
             raise TypeError(
-                f"metric {name!r} must be a callable fn(outputs, targets) or have "
+                f"{'metric' if option == 'metrics' else option + ' entry'} {name!r} must be "
+                f"a callable fn(outputs, targets) or have "
                 f"update/compute/reset, got {type(metric).__name__}"
             )
         if name in named:
-            raise ValueError(f"two metrics are named {name!r}; pass a dict to name them")
+            raise ValueError(f"two {option} are named {name!r}; pass a dict to name them")
         named[name] = metric
     return named
 
@@ -137,6 +228,9 @@ def run_hparams(trainer: Any, epochs: int) -> dict[str, Any]:
         if isinstance(group.get(key), int | float):
             hparams[key] = group["initial_lr"] if key == "lr" and "initial_lr" in group \
                 else group[key]
+    if trainer.accumulator.clip_value is not None:
+        hparams["clip_value"] = trainer.accumulator.clip_value
+    hparams.update(getattr(trainer, "hparams", None) or {})  # the user's, merged last
     return hparams
 
 
