@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from typing import Any, cast
 
@@ -68,6 +69,9 @@ def check_norm_type(norm_type: float) -> float:
         >>> check_norm_type(2), check_norm_type(float("inf"))
         (2.0, inf)
     """
+    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
+        raise TypeError(f"norm_type must be a positive number or inf, got {norm_type!r} "
+                        f"({type(norm_type).__name__})")
     norm_type = float(norm_type)
     if not norm_type > 0:  # also rejects nan
         raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")

@@ -23,7 +23,7 @@ from torchkit._grads import (
     unscale_once,
 )
 from torchkit._utils import check_keys
-from torchkit.clipping import clip_grad_norm
+from torchkit.clipping import clip_grad_norm, clip_grad_value
 
 __all__ = ["GradAccumulator"]
 
@@ -49,6 +49,7 @@ class GradAccumulator:
 
         scaler.unscale_(optimizer)        # with a GradScaler
         grads /= sum of micro-batch weights   # and check they are finite
+        clip_grad_value(params, clip_value)  # with clip_value
         clip_grad_norm(params, max_norm)  # with max_norm
         optimizer.step()                  # skipped if a gradient is nan/inf
         scaler.update()                   # with a GradScaler
@@ -59,7 +60,11 @@ class GradAccumulator:
     sample-weighted mean loss over the window, as if the window were one big batch —
     also for a short last window and for micro-batches of different sizes (a plain
     ``loss / steps`` is wrong for both). Without ``batch_size`` every micro-batch
-    weighs the same. Under DDP (pass the wrapped ``model``) gradients are all-reduced
+    weighs the same. With ``steps=1`` a window is one micro-batch and no weighting is
+    applied at all, so the result is bitwise that of the plain loop
+    ``zero_grad(); loss.backward(); step()`` (``batch_size`` is then only checked; under
+    DDP with ``global_weights`` it still weighs ranks by their counts).
+    Under DDP (pass the wrapped ``model``) gradients are all-reduced
     once per window instead of once per micro-batch, and the weights are summed over
     all ranks so the result is the global big-batch gradient.
 
@@ -79,6 +84,9 @@ class GradAccumulator:
         scaler: A :class:`torch.amp.GradScaler` for float16 mixed precision.
         max_norm: Clip the total gradient norm to this value before stepping.
         norm_type: The order of the norm used with ``max_norm``.
+        clip_value: Clamp every gradient element into ``[-clip_value, clip_value]``
+            after unscaling and normalising, before the step (and before ``max_norm``
+            clipping when both are given: value first, then norm).
         skip_nonfinite: Skip (and count) steps with nan/inf gradients when no enabled
             scaler does so already.
         global_weights: Under DDP with ``batch_size`` given, sum the micro-batch weights
@@ -95,7 +103,8 @@ class GradAccumulator:
 
     Raises:
         TypeError: If ``optimizer``, ``model`` or ``scaler`` has the wrong type.
-        ValueError: If ``steps``, ``max_norm`` or ``norm_type`` is out of range.
+        ValueError: If ``steps``, ``max_norm``, ``norm_type`` or ``clip_value`` is out
+            of range.
 
     Example:
         >>> torch.manual_seed(0)
@@ -128,6 +137,7 @@ class GradAccumulator:
         norm_type: float = 2.0,
         skip_nonfinite: bool = True,
         global_weights: bool = True,
+        clip_value: float | None = None,
     ) -> None:
         errors = []
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -138,8 +148,10 @@ class GradAccumulator:
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             errors.append(f"steps must be an int >= 1, got {steps!r}")
-        if max_norm is not None and not (isinstance(max_norm, numbers.Real) and max_norm > 0):
-            errors.append(f"max_norm must be a positive number or None, got {max_norm!r}")
+        for name, value in (("max_norm", max_norm), ("clip_value", clip_value)):
+            if value is not None and not (isinstance(value, numbers.Real) and not isinstance(
+                    value, bool) and value > 0):
+                errors.append(f"{name} must be a positive number or None, got {value!r}")
         try:
             check_norm_type(norm_type)
         except (TypeError, ValueError) as error:
@@ -151,6 +163,7 @@ class GradAccumulator:
         self.model = model
         self.scaler = scaler
         self.max_norm = max_norm
+        self.clip_value = clip_value
         self.norm_type = float(norm_type)
         self.skip_nonfinite = skip_nonfinite
         self.global_weights = global_weights
@@ -281,6 +294,11 @@ class GradAccumulator:
             raise TypeError(f"batch_size must be an int or None, got {batch_size!r}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if self.steps == 1 and ((self._ddp is None and not self._fsdp)
+                                or not self.global_weights):
+            # A window of one micro-batch needs no weighting: bitwise the plain loop. (Under
+            # DDP with global weights, ranks' counts may differ and still need it.)
+            return 1.0
         if self._ref_size is None:
             self._ref_size = float(self._global_max(int(batch_size)))
         return int(batch_size) / self._ref_size
@@ -318,6 +336,9 @@ class GradAccumulator:
         if scaler_enabled:
             unscale_once(self.scaler, self.optimizer)
         found_inf = self._normalise(grads, check=check) if grads else None
+        if self.clip_value is not None:  # after unscale and normalise, before the norm clip
+            clip_grad_value([p for group in self.optimizer.param_groups
+                             for p in group["params"]], self.clip_value)
         if self.max_norm is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             self.last_grad_norm = clip_grad_norm(params, self.max_norm, norm_type=self.norm_type)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -18,9 +21,7 @@ _EPS = 1e-6
 
 
 def _grads(parameters: Parameters) -> list[torch.Tensor]:
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    params = list(parameters)
+    params = _params(parameters)
     try:
         return [p.grad for p in params if p.grad is not None]
     except AttributeError:
@@ -30,6 +31,38 @@ def _grads(parameters: Parameters) -> list[torch.Tensor]:
                     f"parameters must be tensors, got an item of type {type(p).__name__}"
                 ) from None
         raise
+
+
+def _params(parameters: Parameters) -> list[torch.Tensor]:
+    """``parameters`` as a list of tensors; warn if an iterator of them was already used up."""
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    if isinstance(parameters, str | bytes) or not isinstance(parameters, Iterable):
+        raise TypeError(
+            f"parameters must be a tensor or an iterable of tensors (e.g. "
+            f"model.parameters()), got {type(parameters).__name__}"
+        )
+    params = list(parameters)
+    if not params and iter(parameters) is parameters:
+        warnings.warn(
+            "parameters is an iterator that yielded no tensors, so nothing was clipped: "
+            "was it used up already (model.parameters() is a generator)? Pass "
+            "list(model.parameters()) to use it more than once",
+            UserWarning, stacklevel=3,
+        )
+    return params
+
+
+def _check_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float, or raise naming ``name`` unless it is a positive number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                        f"number, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if math.isnan(number) or number < 0 or (number == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
+                         f"got {value!r}")
+    return number
 
 
 def _check_scaler(scaler: GradScaler | None, optimizer: torch.optim.Optimizer | None) -> None:
@@ -48,11 +81,15 @@ def _total_norm(groups: list[list[torch.Tensor]], norm_type: float) -> torch.Ten
         if norms.dtype not in (torch.float32, torch.float64):
             norms = norms.float()  # half-precision norms would overflow or round
     else:
+        # As torch does: per-group norms are combined in the widest dtype among them
+        # (float64 when any gradient is float64), never narrowed to float32, so a float64
+        # gradient beyond float32's range keeps a finite total.
         device = groups[0][0].device
-        norms = torch.cat([
-            torch.stack(torch._foreach_norm(group, norm_type)).to(device, torch.float32)
-            for group in groups
-        ])
+        per_group = [torch.stack(torch._foreach_norm(group, norm_type)) for group in groups]
+        dtype = torch.float32
+        for n in per_group:
+            dtype = torch.promote_types(dtype, n.dtype)
+        norms = torch.cat([n.to(device, dtype) for n in per_group])
     total: torch.Tensor = torch.linalg.vector_norm(norms, norm_type)
     return total
 
@@ -134,8 +171,7 @@ def clip_grad_norm(
         >>> w.grad
         tensor([0.6000, 0.8000])
     """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be positive, got {max_norm!r}")
+    max_norm = _check_positive("max_norm", max_norm)
     norm_type = check_norm_type(norm_type)
     _check_scaler(scaler, optimizer)
     grads = _grads(parameters)
@@ -184,8 +220,7 @@ def clip_grad_value(
         >>> w.grad
         tensor([-1.0000,  0.5000,  1.0000])
     """
-    if not clip_value > 0:
-        raise ValueError(f"clip_value must be positive, got {clip_value!r}")
+    clip_value = _check_positive("clip_value", clip_value)
     _check_scaler(scaler, optimizer)
     grads = _grads(parameters)
     unscale_once(scaler, optimizer)
@@ -236,12 +271,10 @@ def clip_grad_adaptive(
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.0010]])
     """
-    if not clip_factor > 0:
-        raise ValueError(f"clip_factor must be positive, got {clip_factor!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be non-negative, got {eps!r}")
+    clip_factor = _check_positive("clip_factor", clip_factor)
+    eps = _check_positive("eps", eps, allow_zero=True)
     _check_scaler(scaler, optimizer)
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    params = _params(parameters)
     _grads(params)  # type check
     unscale_once(scaler, optimizer)
     with torch.no_grad():

@@ -11,6 +11,7 @@ import multiprocessing.connection
 import numbers
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -41,6 +42,9 @@ _GRACE_S = 5.0  # between SIGTERM and SIGKILL, and for a finished rank to exit
 _PORT_ATTEMPTS = 3  # another process may take the free port before rank 0 listens on it
 # torch.distributed errors a rank raises because *another* rank failed first.
 _COLLATERAL = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+# ...and what such errors say when they come as a plain RuntimeError.
+_PEER_TROUBLE = re.compile(r"[Cc]onnection (reset|closed|refused)|[Bb]roken pipe|by peer|"
+                           r"[Tt]imed out|[Tt]imeout|Socket|ECONNRESET|EPIPE")
 
 
 class LaunchError(RuntimeError):
@@ -145,7 +149,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         tensor([1., 3.])
     """
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"all_reduce_mean needs a torch.Tensor, got {type(tensor).__name__}")
+        raise TypeError(f"all_reduce_mean(tensor) needs a torch.Tensor, got "
+                        f"{type(tensor).__name__}")
     if not (tensor.is_floating_point() or tensor.is_complex()):
         raise TypeError(
             f"all_reduce_mean needs a floating-point tensor (a mean of integers is not an "
@@ -234,6 +239,7 @@ def launch(
     _env_from_slurm()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return [_run_under_launcher(fn, args, kwargs, backend=backend, timeout_s=timeout_s)]
+    _check_not_reimported()
     if nprocs is None:
         nprocs = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
     chosen = _choose_backend(backend, nprocs)
@@ -268,6 +274,35 @@ def _check_fn(fn: Callable[..., Any]) -> None:
             f"cannot be pickled ({error}); lambdas and nested functions cannot: define it "
             f"at the top level of a module"
         ) from None
+
+
+_GUARD_HINT = (
+    'put the code that calls launch under `if __name__ == "__main__":` in your script: '
+    "each worker process is started with the 'spawn' method and imports your script "
+    "again, and without the guard that import calls launch once more"
+)
+
+
+def _check_not_reimported() -> None:
+    """Refuse a launch from a worker's re-import of a script without a ``__main__`` guard."""
+    main = sys.modules.get("__main__")
+    if multiprocessing.parent_process() is not None and \
+            getattr(main, "__name__", None) == "__mp_main__":
+        raise RuntimeError(f"launch was called while a worker process imported the main "
+                           f"script: {_GUARD_HINT}")
+
+
+def _main_lacks_guard() -> bool:
+    """Whether the main script has no ``if __name__ == "__main__":`` guard (best effort)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path:
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "__main__" not in source
 
 
 def _check_options(nprocs: int | None, backend: str, timeout_s: float) -> None:
@@ -389,8 +424,15 @@ class _Failure:
     port_taken: bool = False
     time: float = 0.0
 
+    def collateral(self) -> bool:
+        """Whether this looks like a consequence of another rank's failure."""
+        return self.exception_type in _COLLATERAL or (
+            self.exception_type is not None and _PEER_TROUBLE.search(self.message) is not None)
+
     def sort_key(self) -> tuple[bool, float]:
-        return self.exception_type in _COLLATERAL, self.time  # root causes first
+        # Root causes first, then by time of death (a silent death is dated when its
+        # process object's sentinel fired; a reported error when the rank raised it).
+        return self.collateral(), self.time
 
 
 def _worker(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
@@ -458,6 +500,9 @@ def _spawn(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, A
             try:
                 proc.start()
             except Exception as error:
+                if "bootstrapping phase" in str(error):  # spawn's re-import of the script
+                    raise RuntimeError(f"launch cannot start its workers: {_GUARD_HINT}") \
+                        from None
                 raise TypeError(
                     f"the arguments of launch (after fn) must be picklable to reach the worker "
                     f"processes, got one that cannot be pickled ({error}); pass plain data "
@@ -486,9 +531,10 @@ def _collect(procs: list[multiprocessing.process.BaseProcess],
         owner: dict[Any, int] = {conns[r]: r for r in waiting}
         owner.update({procs[r].sentinel: r for r in waiting})
         ready = multiprocessing.connection.wait(list(owner))
+        seen = time.time()  # a rank that died silently died no later than this
         for rank in sorted({owner[obj] for obj in ready}):
             waiting.discard(rank)
-            outcome = _receive(rank, procs[rank], conns[rank])
+            outcome = _receive(rank, procs[rank], conns[rank], seen=seen)
             if isinstance(outcome, _Failure):
                 failures.append(outcome)
             else:
@@ -499,6 +545,12 @@ def _collect(procs: list[multiprocessing.process.BaseProcess],
                     outcome = _receive(rank, procs[rank], conns[rank])
                     if isinstance(outcome, _Failure):
                         failures.append(outcome)
+    if failures and all(f.collateral() for f in failures):
+        # Every failure is a peer waiting in vain: a rank still running is the cause (it
+        # hung, e.g. outside collectives), not the first to time out waiting for it.
+        for rank in sorted(waiting):
+            if procs[rank].is_alive():
+                failures.append(_Failure(rank, None, message="hung", time=0.0))
     if failures:
         failures.sort(key=_Failure.sort_key)
         if failures[0].port_taken:
@@ -508,8 +560,12 @@ def _collect(procs: list[multiprocessing.process.BaseProcess],
 
 
 def _receive(rank: int, proc: multiprocessing.process.BaseProcess,
-             conn: multiprocessing.connection.Connection) -> Any:
-    """Return rank's pickled result, or a _Failure for an error or a silent death."""
+             conn: multiprocessing.connection.Connection, *, seen: float | None = None) -> Any:
+    """Return rank's pickled result, or a _Failure for an error or a silent death.
+
+    A silent death is dated when its sentinel fired (``seen``), not after the grace
+    period, so it sorts before the errors it caused in its peers ("connection reset").
+    """
     message = None
     if conn.poll(0.5 if proc.exitcode is not None else 0):  # a dead rank's last words
         with contextlib.suppress(EOFError):
@@ -520,11 +576,21 @@ def _receive(rank: int, proc: multiprocessing.process.BaseProcess,
         _, type_name, text, formatted, when, port_taken = message
         return _Failure(rank, type_name, text, formatted, time=when, port_taken=port_taken)
     proc.join(_GRACE_S)
-    return _Failure(rank, None, exitcode=proc.exitcode, time=time.time())
+    when = seen if seen is not None and proc.exitcode is not None else time.time()
+    return _Failure(rank, None, exitcode=proc.exitcode, time=when)
 
 
 def _launch_error(failures: list[_Failure], nprocs: int) -> LaunchError:
     first = failures[0]
+    if first.exception_type is None and first.message == "hung":
+        peers = ", ".join(f"rank {f.rank} ({f.exception_type}: {f.message[:200]})"
+                          for f in failures[1:])
+        message = (
+            f"rank {first.rank} of {nprocs} hung: it neither finished nor failed while "
+            f"its peers gave up waiting for it ({peers}); it was terminated. Look for an "
+            "endless loop, a deadlock or a collective only some ranks call"
+        )
+        return LaunchError(message, rank=first.rank)
     if first.exception_type is None:
         code = first.exitcode
         how = f"exited with code {code}"
@@ -535,6 +601,8 @@ def _launch_error(failures: list[_Failure], nprocs: int) -> LaunchError:
             f"(killed, e.g. by the out-of-memory killer, crashed, or called os._exit); "
             f"the other ranks were terminated"
         )
+        if code == 1 and _main_lacks_guard():
+            message += f". If the script has no __main__ guard: {_GUARD_HINT}"
     else:
         message = (
             f"rank {first.rank} of {nprocs} raised {first.exception_type}: {first.message}; "

@@ -34,7 +34,12 @@ class EarlyStopping(Callback):
     improvement after a stop resets ``wait`` and the decision.
 
     It is also a :class:`~torchkit.Callback`: in ``Trainer(callbacks=[...])`` it reads
-    ``monitor`` from each epoch's metrics and ends ``fit`` when it says to stop.
+    ``monitor`` from each epoch's metrics and ends ``fit`` when it says to stop. There,
+    one observation is one epoch, so ``best_step`` is the epoch of the best value, as in
+    ``History["epoch"]`` and the metadata of that epoch's checkpoint. Each ``fit``
+    starts it afresh (best, wait, kept weights), unless its state was just restored by
+    ``fit(resume=...)``; and with ``restore_best=True`` the model after ``fit`` holds the
+    best weights seen, also when training ran to its last epoch without stopping early.
 
     Args:
         monitor: The name of the metric to watch (e.g. ``"val_loss"``); used by
@@ -90,14 +95,19 @@ class EarlyStopping(Callback):
             errors.append(f"mode must be 'min' or 'max', got {mode!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             errors.append(f"patience must be an int >= 0, got {patience!r}")
-        if not (isinstance(min_delta, numbers.Real) and min_delta >= 0):
+        if isinstance(min_delta, bool) or not (isinstance(min_delta, numbers.Real)
+                                               and min_delta >= 0):
             errors.append(f"min_delta must be a number >= 0, got {min_delta!r}")
-        if baseline is not None and not (
+        if baseline is not None and (isinstance(baseline, bool) or not (
             isinstance(baseline, numbers.Real) and math.isfinite(baseline)
-        ):
+        )):
             errors.append(f"baseline must be a finite number or None, got {baseline!r}")
         if isinstance(start_after, bool) or not isinstance(start_after, int) or start_after < 0:
             errors.append(f"start_after must be an int >= 0, got {start_after!r}")
+        for name, flag in (("restore_best", restore_best),
+                           ("stop_on_nonfinite", stop_on_nonfinite)):
+            if not isinstance(flag, bool):
+                errors.append(f"{name} must be True or False, got {flag!r}")
         if errors:
             raise ValueError("; ".join(errors))
         self.monitor = monitor
@@ -115,6 +125,13 @@ class EarlyStopping(Callback):
         self.reason: str | None = None
         self.num_steps = 0
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self._saw_model = False  # step() was given a model (for restore()'s message)
+        self._restored = False  # load_state_dict ran since the last fit started
+
+    def _start_afresh(self) -> None:
+        self.best, self.best_step, self.wait = self.baseline, None, 0
+        self.stopped, self.reason, self.num_steps = False, None, 0
+        self._best_weights, self._saw_model = None, False
 
     def _improves(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -151,6 +168,8 @@ class EarlyStopping(Callback):
                 "restore_best=True needs the model: call step(value, model) so the best "
                 "weights can be kept and restored"
             )
+        if model is not None:
+            self._saw_model = True
         index = self.num_steps
         self.num_steps += 1
         if index < self.start_after:
@@ -180,6 +199,17 @@ class EarlyStopping(Callback):
             return True, f"{self.monitor} did not improve for {self.wait} {noun}; {best}"
         return False, None
 
+    def on_fit_start(self, trainer: Any) -> None:
+        """Start afresh for a new ``fit``, unless ``fit(resume=...)`` just restored the state."""
+        if not self._restored:
+            self._start_afresh()
+        self._restored = False
+
+    def on_fit_end(self, trainer: Any) -> None:
+        """With ``restore_best=True``, leave the best weights seen in the trainer's model."""
+        if self.restore_best and self._best_weights is not None:
+            self.restore(trainer.model)
+
     def on_epoch_end(self, trainer: Any, metrics: Mapping[str, float]) -> None:
         """Feed the epoch's ``monitor`` value to :meth:`step`; stop ``trainer`` if it says so.
 
@@ -200,8 +230,9 @@ class EarlyStopping(Callback):
         """Load the weights kept at the best observation into ``model`` and return it.
 
         Raises:
-            RuntimeError: If no weights were kept (``restore_best=False``, or no
-                improvement has been observed with a model yet).
+            RuntimeError: If no weights were kept: ``restore_best=False``, no model was
+                passed to :meth:`step`, or no observation improved (on ``baseline``); the
+                message says which.
 
         Example:
             >>> net = nn.Linear(1, 1)
@@ -216,6 +247,15 @@ class EarlyStopping(Callback):
             0.0
         """
         if self._best_weights is None:
+            if self.restore_best and self._saw_model:
+                what = f"improved on baseline={self.baseline:g}" if self.baseline is not None \
+                    else "counted as an improvement (nan/inf never does)"
+                raise RuntimeError(
+                    f"no best weights to restore: none of the {self.num_steps} "
+                    f"observation(s) of {self.monitor} {what} (mode={self.mode!r}, "
+                    f"min_delta={self.min_delta:g}, start_after={self.start_after} ignored), "
+                    "so no weights were ever kept and the model keeps its own"
+                )
             raise RuntimeError(
                 "no best weights to restore: create EarlyStopping(restore_best=True) and pass "
                 "the model to step(value, model)"
@@ -246,6 +286,8 @@ class EarlyStopping(Callback):
         self.num_steps = state_dict["num_steps"]
         weights = state_dict["best_weights"]
         self._best_weights = None if weights is None else dict(weights)
+        self._saw_model = self._saw_model or weights is not None
+        self._restored = True  # a resume: the next fit continues this state
 
     def __repr__(self) -> str:
         return (

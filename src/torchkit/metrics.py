@@ -11,6 +11,10 @@ the protocol torchmetrics follows too, described by :class:`Metric`:
 - ``update(outputs, targets)``: add one batch; must not read values back to the host.
 - ``compute()``: the value over every batch since the last ``reset`` (may sync).
 - ``reset()``: forget every batch, ready for the next epoch.
+- ``all_reduce()`` (optional): sum the state over the ranks of the default process group
+  in place, so ``compute()`` covers every rank's data. ``Trainer`` calls it before
+  ``compute()`` under a process group, and refuses a stateful metric that has neither
+  it nor its own synchronisation (torchmetrics' ``sync_on_compute``).
 
 **Input shapes** (class dimension 1, as in :func:`torch.nn.functional.cross_entropy`):
 ``outputs`` are scores (logits or probabilities) of shape ``(N, C)`` or
@@ -429,6 +433,28 @@ class ConfusionMatrix:
                 "ignore_index such as -100 or 255 must be filtered out), then reset()"
             )
         return self.counts()
+
+    def all_reduce(self) -> None:
+        """Sum the counts over the ranks of the default process group, in place.
+
+        Call it on every rank before :meth:`compute` (``Trainer.evaluate`` does) so the
+        matrix, and :meth:`precision` / :meth:`recall` / :meth:`f1`, cover every rank's
+        samples. Without a process group it does nothing. The counts must be on a
+        device the backend works on (CPU for gloo, this rank's GPU for nccl).
+
+        Example:
+            >>> cm = tk.ConfusionMatrix(2)
+            >>> cm.update(torch.tensor([1, 0]), torch.tensor([1, 1]))
+            >>> cm.all_reduce()  # one process: unchanged
+            >>> cm.compute().tolist()
+            [[0, 0], [1, 1]]
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl" and self._counts.device.type != "cuda":
+                self._counts = self._counts.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(self._counts)
 
     def reset(self) -> None:
         """Zero every count.

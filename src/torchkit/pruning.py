@@ -338,7 +338,14 @@ def _check_prune_args(
 ) -> None:
     errors = []
     real = isinstance(amount, numbers.Real) and not isinstance(amount, bool)
-    if not real or not 0 <= float(amount) <= 1:
+    if real and isinstance(amount, numbers.Integral):
+        # torch.nn.utils.prune reads an int as a count of weights: never guess which.
+        errors.append(
+            f"amount must be a float fraction in [0, 1], got the int {amount!r} (an int "
+            f"reads as a count of weights in torch.nn.utils.prune); pass {float(amount)!r} "
+            "for that fraction"
+        )
+    elif not real or not 0 <= float(amount) <= 1:
         errors.append(f"amount must be a fraction in [0, 1], got {amount!r}")
     if method not in ("l1", "random", "ln"):
         errors.append(f"method must be 'l1', 'random' or 'ln', got {method!r}")

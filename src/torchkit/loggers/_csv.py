@@ -61,6 +61,9 @@ class CSVLogger(Logger):
             raise ValueError(
                 f"if_exists must be 'error', 'overwrite' or 'append', got {if_exists!r}"
             )
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path must be a str or os.PathLike (a .csv file or a directory), "
+                            f"got {type(path).__name__}")
         path = Path(path)
         self.path = path if path.suffix.lower() == ".csv" else path / "metrics.csv"
         self.if_exists = if_exists

@@ -79,6 +79,9 @@ class TensorBoardLogger(Logger):
             errors.append(f"max_queue must be an int >= 1, got {max_queue!r}")
         if errors:
             raise ValueError("; ".join(errors))
+        if not isinstance(log_dir, str | os.PathLike):
+            raise TypeError(f"log_dir must be a str or os.PathLike (the run directory), got "
+                            f"{type(log_dir).__name__}")
         self.log_dir = Path(log_dir)
         self._log_graph = log_graph
         self._flush_secs = float(flush_secs)

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from torchkit._batches import batch_size
+from torchkit.distributed import get_world_size
 from torchkit.trainer import _distributed as ddp
 from torchkit.trainer._ledger import SUM_DTYPE
 
-__all__ = ["EvalSums", "unpack_step"]
+__all__ = ["EvalSums", "reduce_metric", "scalars", "unpack_step"]
 
 
 def unpack_step(out: Any, batch: Any) -> tuple[Any, Any, Any, int]:
@@ -80,8 +81,13 @@ class EvalSums:
                     metric.update(outputs, targets)
         self.count += size
 
-    def results(self, prefix: str) -> dict[str, float]:
-        """The means over every rank's samples: ``{f"{prefix}_loss": ..., ...}``."""
+    def results(self, prefix: str) -> dict[str, Any]:
+        """The means over every rank's samples: ``{f"{prefix}_loss": ..., ...}``.
+
+        Scalars come back as floats; a stateful metric whose value is a larger tensor
+        (a :class:`~torchkit.ConfusionMatrix`) as that tensor, on the CPU. Stateful
+        metrics are reduced over ranks first (:func:`reduce_metric`).
+        """
         names = list(self.sums)
         totals = ddp.all_reduce_sum(torch.stack([
             self.loss, torch.tensor(float(self.count), dtype=SUM_DTYPE, device=self.device),
@@ -94,9 +100,67 @@ class EvalSums:
         reduced = dict(zip(names, totals[3:]))
         results = {f"{prefix}_loss": totals[0] / count} if has_loss else {}
         for name, metric in self.metrics.items():
-            value = reduced[name] / count if name in reduced else metric.compute()
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, int | float):
-                results[f"{prefix}_{name}"] = float(value)
+            if name in reduced:
+                value = reduced[name] / count
+            else:
+                reduce_metric(name, metric)
+                value = metric.compute()
+            results[f"{prefix}_{name}"] = _value(name, value)
         return results
+
+
+def _value(name: str, value: Any) -> Any:
+    """A metric's value as a float, or a larger tensor on the CPU; never dropped."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return float(value.item())
+        return value.detach().to("cpu")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return float(value.item())
+    raise TypeError(
+        f"metric {name!r} computed a {type(value).__name__} ({value!r}); a metric must "
+        "give a number or a tensor"
+    )
+
+
+def reduce_metric(name: str, metric: Any) -> None:
+    """Reduce a stateful metric's state over ranks before ``compute`` (nothing alone).
+
+    A metric reduces itself through its ``all_reduce()`` method (as
+    :class:`~torchkit.ConfusionMatrix` does); torchmetrics metrics synchronise in
+    ``compute`` themselves. Any other stateful metric under a process group would
+    compute on its own rank's share only, so it is refused, naming it.
+
+    Raises:
+        TypeError: Under a process group, for a stateful metric that cannot be reduced.
+
+    Example:
+        >>> cm = tk.ConfusionMatrix(2)
+        >>> reduce_metric("cm", cm)  # one process: nothing to reduce
+    """
+    if get_world_size() == 1:
+        return
+    all_reduce = getattr(metric, "all_reduce", None)
+    if callable(all_reduce):
+        all_reduce()
+        return
+    if getattr(metric, "sync_on_compute", False):  # torchmetrics syncs in compute()
+        return
+    raise TypeError(
+        f"metric {name!r} ({type(metric).__name__}) has update/compute/reset but no "
+        "all_reduce(), so under a process group each rank would compute it on its own "
+        "share of the data only; give it an all_reduce() method that sums its state over "
+        "ranks (as tk.ConfusionMatrix has), or use a torchmetrics metric"
+    )
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries that are numbers (what loggers and the progress bar take).
+
+    Example:
+        >>> scalars({"val_loss": 0.5, "val_cm": torch.eye(2)})
+        {'val_loss': 0.5}
+    """
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}

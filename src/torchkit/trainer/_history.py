@@ -33,6 +33,10 @@ class History:
     """
 
     def __init__(self, records: list[Mapping[str, Any]] | None = None) -> None:
+        if records is not None and (isinstance(records, str | bytes | Mapping) or not all(
+                isinstance(r, Mapping) for r in _as_list(records, "records"))):
+            raise TypeError(f"records must be a list of dicts (one per epoch) or None, got "
+                            f"{records!r:.80}")
         self.records: list[dict[str, Any]] = [dict(r) for r in records or []]
 
     def append(self, record: Mapping[str, Any]) -> None:
@@ -131,3 +135,11 @@ class History:
         """Restore the records returned by :meth:`state_dict`."""
         check_keys(state_dict, expected={"records"}, owner=type(self).__name__)
         self.records = [dict(r) for r in state_dict["records"]]
+
+
+def _as_list(records: Any, name: str) -> list[Any]:
+    try:
+        return list(records)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of dicts (one per epoch) or None, got "
+                        f"{type(records).__name__}") from None
