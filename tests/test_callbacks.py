@@ -15,7 +15,7 @@ from torchkit.callbacks import TrainerView
 HOOKS = [
     "on_fit_start", "on_fit_end", "on_epoch_start", "on_epoch_end", "on_train_batch_start",
     "on_train_batch_end", "on_validation_end", "on_checkpoint_save", "on_checkpoint_load",
-    "on_exception",
+    "on_exception", "on_optimizer_step",  # the last added in 0.2 (DESIGN, training recipes)
 ]
 
 
