@@ -70,8 +70,19 @@ class GradAccumulator:
 
     A window whose gradients are not finite is not applied: it is counted in
     :attr:`skipped_steps` and its gradients are dropped, never leaking into the next
-    window. Knowing this costs one host read per optimizer step (a GradScaler does the
-    same read anyway); ``skip_nonfinite=False`` avoids it when no scaler is used.
+    window. The check is one fused kernel per optimizer step (not per micro-batch), and
+    what it costs to act on it depends on the optimizer:
+
+    * a fused optimizer (``fused=True``: SGD, Adam, AdamW, ...) gets the flag on the
+      device, the way a GradScaler hands it over, and skips the update itself: no host
+      read at all. ``backward`` then returns ``True`` at every window end (the step was
+      issued) and :attr:`skipped_steps` reads the device-side count when you ask for it.
+    * any other optimizer: one host read of a one-element flag per optimizer step. On
+      the CPU that is no synchronisation (about a microsecond); on a GPU it waits for the
+      queued backward to finish, once per optimizer step. A GradScaler reads its own
+      flag anyway, so with one it adds nothing.
+
+    ``skip_nonfinite=False`` drops the check (without a scaler nothing is read).
 
     Args:
         optimizer: The optimizer to step.
@@ -179,10 +190,22 @@ class GradAccumulator:
         self._forward_unsynced = False  # the latest forward ran under DDP no_sync
         self._window_unsynced = False  # the latest backward was not all-reduced
         self._inverse_cache: dict[tuple[str, int | None, float], torch.Tensor] = {}
+        self._found_inf: torch.Tensor | None = None  # reused flag buffer (one device)
+        self._skips_on_device: torch.Tensor | None = None  # fused path: read when asked
+        # Whether a fused optimizer may skip on the device (then backward cannot know);
+        # Trainer(nonfinite="skip") turns it off, as it books each skip as it happens.
+        self._skip_on_device = True
 
     @property
     def skipped_steps(self) -> int:
-        """Windows whose gradients were nan/inf and so were not applied."""
+        """Windows whose gradients were nan/inf and so were not applied.
+
+        With a fused optimizer the skips are counted on the device: reading this
+        property is then one host read.
+        """
+        if self._skips_on_device is not None:
+            pending, self._skips_on_device = self._skips_on_device, None
+            self._skipped += int(pending.item())
         return self._skipped
 
     def accumulate(self) -> contextlib.AbstractContextManager[None]:
@@ -235,7 +258,9 @@ class GradAccumulator:
 
         Returns:
             ``True`` when this call ended a window and the optimizer stepped; ``False``
-            inside a window or when the step was skipped for nan/inf gradients.
+            inside a window or when the step was skipped for nan/inf gradients. With a
+            fused optimizer the skip happens on the device and is not known here:
+            ``True`` at every window end then (see :attr:`skipped_steps`).
 
         Raises:
             TypeError: If ``loss`` is not a tensor or ``batch_size`` not an int.
@@ -342,14 +367,21 @@ class GradAccumulator:
         if self.max_norm is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             self.last_grad_norm = clip_grad_norm(params, self.max_norm, norm_type=self.norm_type)
-        # A GradScaler already reads its own found_inf in step(), so this read adds no sync.
-        skipped = check and found_inf is not None and bool(found_inf)
+        skipped = False
         if self.scaler is not None and scaler_enabled:
+            # The scaler reads its own found_inf in step(), so this read adds no sync.
+            skipped = found_inf is not None and bool(found_inf)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif not skipped:
+        elif not check or found_inf is None:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        elif self._can_skip_on_device():
+            self._step_on_device(found_inf)  # the fused kernel skips: no host read
+        else:
+            skipped = bool(found_inf)  # the one host read (no sync on the CPU)
+            if not skipped:
+                self.optimizer.step()
+        _zero_grad(self.optimizer)
         if skipped:
             self._skipped += 1
             _log.debug("skipped optimizer step %d: non-finite gradients", self.num_steps)
@@ -357,6 +389,28 @@ class GradAccumulator:
         self.micro_step, self._weight_sum, self._weighted = 0, 0.0, None
         self._window_unsynced = False
         return not skipped
+
+    def _can_skip_on_device(self) -> bool:
+        opt = self.optimizer
+        if not (self._skip_on_device and getattr(opt, "_step_supports_amp_scaling", False)):
+            return False
+        # torch's fused SGD leaves its momentum buffers uninitialised (torch.empty) when its
+        # very first step is skipped: read the flag until it has taken a step.
+        return bool(opt.state) or not isinstance(opt, torch.optim.SGD) or all(
+            group["momentum"] == 0 for group in opt.param_groups)
+
+    def _step_on_device(self, found_inf: torch.Tensor) -> None:
+        """Step a fused optimizer that skips the update itself where ``found_inf`` is set."""
+        optimizer: Any = self.optimizer  # the attributes GradScaler hands fused optimizers
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf.view(())  # as GradScaler
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+        if self._skips_on_device is None:
+            self._skips_on_device = found_inf.clone()
+        else:
+            self._skips_on_device.add_(found_inf.to(self._skips_on_device.device))
 
     def _normalise(self, grads: list[torch.Tensor], *, check: bool) -> torch.Tensor | None:
         """Divide by the summed weights and, if ``check``, return 1.0 if any grad is nan/inf."""
@@ -378,11 +432,21 @@ class GradAccumulator:
                 # The fused kernel takes a float32 scale: divide float64 exactly instead.
                 torch._foreach_div_(group, divisor)
                 inv_divisor = 1.0
-            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device))
+            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device),
+                                  self._flag_buffer(group[0].device))
             found = f if found is None else torch.maximum(found, f.to(found.device))
         if self._fsdp and found is not None and dist.get_world_size() > 1:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)  # a shard's nan/inf: all ranks skip
         return found
+
+    def _flag_buffer(self, device: torch.device) -> torch.Tensor | None:
+        """A reusable one-element flag on ``device`` (saves an allocation per step)."""
+        buf = self._found_inf
+        if buf is None or buf.device != device:
+            if buf is not None:
+                return None  # gradients on several devices: let each group allocate
+            buf = self._found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        return buf
 
     def _inverse(self, divisor: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         if isinstance(divisor, torch.Tensor):
@@ -425,7 +489,7 @@ class GradAccumulator:
             "ref_size": self._ref_size,
             "weighted": self._weighted,
             "num_steps": self.num_steps,
-            "skipped_steps": self._skipped,
+            "skipped_steps": self.skipped_steps,  # folds a device-side count in
             "grads": grads,
         }
 
@@ -454,6 +518,7 @@ class GradAccumulator:
         self._weighted = state_dict["weighted"]
         self.num_steps = state_dict["num_steps"]
         self._skipped = state_dict["skipped_steps"]
+        self._skips_on_device = None
 
     def __repr__(self) -> str:
         return (
@@ -463,3 +528,22 @@ class GradAccumulator:
 
 
 _NOTHING = contextlib.nullcontext()
+
+
+def _zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``, without its profiler label when unprofiled.
+
+    ``Optimizer.zero_grad`` opens a ``record_function`` range on every call, which costs
+    more than the loop itself on small models; an optimizer that overrides it, or a
+    running profiler, gets the real call.
+    """
+    if type(optimizer).zero_grad is not _BASE_ZERO_GRAD or "zero_grad" in vars(optimizer) \
+            or getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+_BASE_ZERO_GRAD = torch.optim.Optimizer.zero_grad

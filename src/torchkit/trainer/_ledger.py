@@ -132,6 +132,7 @@ class _RaisingLedger(LossLedger):
         self._unchecked: list[tuple[torch.Tensor, int, int, int]] = []  # summed, unchecked
         self._next_check = 0.0
         self._bad: tuple[torch.Tensor, int, int, int] | None = None
+        self._size_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def open_epoch(self) -> None:
         super().open_epoch()
@@ -184,9 +185,21 @@ class _RaisingLedger(LossLedger):
     def _pending_sum(self) -> torch.Tensor:
         """The sample-weighted sum of the pending losses, on the device."""
         losses = torch.stack([p[0] for p in self._pending]).to(SUM_DTYPE)
-        sizes = torch.tensor([p[1] for p in self._pending], dtype=SUM_DTYPE,
-                             device=losses.device)
-        return torch.dot(losses, sizes)
+        return torch.dot(losses, self._sizes(tuple(p[1] for p in self._pending), losses.device))
+
+    def _sizes(self, sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The sizes as a device tensor, kept for the next chunk of the same sizes.
+
+        A fresh one would be a host-to-device copy (a synchronisation on a GPU) every
+        ``_FOLD_EVERY`` steps; with a fixed batch size every chunk has the same sizes.
+        """
+        cached = self._size_cache.get(sizes)
+        if cached is None or cached.device != device:
+            if len(self._size_cache) >= 8:
+                self._size_cache.clear()
+            cached = torch.tensor(sizes, dtype=SUM_DTYPE, device=device)
+            self._size_cache[sizes] = cached
+        return cached
 
 
 class _SkippingLedger(LossLedger):
