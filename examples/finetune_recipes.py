@@ -7,6 +7,7 @@ up and decays the LR per optimizer step, ``tk.UnfreezeSchedule`` thaws the backb
 block at a time, ``tk.ModelEMA(evaluate=True)`` validates with the averaged weights, and
 ``tk.TimeLimit`` bounds the run (saving a checkpoint to resume from).
 
+    pip install -e . scikit-learn   # in a clone (README: Install)
     python examples/finetune_recipes.py            # seconds on a CPU
     python examples/finetune_recipes.py --smoke    # for CI
 """

@@ -6,6 +6,7 @@ writes its shards into one checkpoint directory per save; training is interrupte
 resumed from it; at the end this (plain) process turns the sharded checkpoint into one
 file and loads it into an ordinary, unsharded model, as you would for deployment.
 
+    pip install -e .   # in a clone (README: Install)
     python examples/sharded.py            # 2 processes, a few epochs
     python examples/sharded.py --smoke    # the fast version CI runs
     torchrun --nproc-per-node=2 examples/sharded.py   # the same, under torchrun
