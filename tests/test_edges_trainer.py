@@ -116,10 +116,12 @@ def test_restore_best_at_the_end_of_a_fit_that_ran_to_its_last_epoch():
             snapshots.append({k: v.clone() for k, v in trainer.module.state_dict().items()})
 
     t = trainer(model, callbacks=[Snap(), stopper])
-    val = data(16, 8)
+    x, y = data().dataset.tensors
+    val = DataLoader(TensorDataset(x, 1 - y), batch_size=8)  # learning makes it worse
     history = t.fit(data(), val, epochs=4)
     assert not t.should_stop
     best = history.best_epoch("val_loss")
+    assert best < 3  # the last weights are not the best ones
     assert stopper.best_step == best
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, snapshots[best][k], rtol=0, atol=0)
