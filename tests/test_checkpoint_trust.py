@@ -651,14 +651,14 @@ def _resumable(directory, *, epochs, resume, keep_last=2):
 def test_a_trainer_resumed_from_an_older_checkpoint_keeps_its_new_branch(tmp_path):
     first = _resumable(tmp_path, epochs=4, resume=None)
     oldest = first.checkpoints()[0]
-    older_epoch = tk.load_checkpoint(oldest)["epoch"]
-    manager = _resumable(tmp_path, epochs=older_epoch + 2, resume=oldest)
+    done = tk.load_checkpoint(oldest)["epoch"] + 1  # epochs completed at that checkpoint
+    manager = _resumable(tmp_path, epochs=done + 2, resume=oldest)
     latest = tk.load_checkpoint(manager.latest())
-    assert latest["epoch"] == older_epoch + 2 and latest["seq"] == 5
+    assert latest["epoch"] + 1 == done + 2 and latest["seq"] == 5
     new_branch = [p for p in manager.checkpoints() if tk.load_checkpoint(p)["seq"] >= 4]
     assert len(new_branch) == 2, names(manager.checkpoints())
-    again = _resumable(tmp_path, epochs=older_epoch + 3, resume="latest")
-    assert tk.load_checkpoint(again.latest())["epoch"] == older_epoch + 3
+    again = _resumable(tmp_path, epochs=done + 3, resume="latest")
+    assert tk.load_checkpoint(again.latest())["epoch"] + 1 == done + 3
 
 
 def test_sharded_state_is_refused_and_nothing_is_written(tmp_path):
