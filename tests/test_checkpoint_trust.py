@@ -700,7 +700,7 @@ def test_fit_returns_after_an_async_save_is_on_disk(tmp_path, monkeypatch):
     data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
     trainer.fit(data, epochs=2)
     assert not manager._writer.busy
-    assert [tk.load_checkpoint(p)["epoch"] for p in manager.checkpoints()] == [1, 2]
+    assert [tk.load_checkpoint(p)["epoch"] for p in manager.checkpoints()] == [0, 1]
 
 
 def test_a_piece_that_does_not_fit_keeps_its_error_type(tmp_path):
@@ -710,3 +710,20 @@ def test_a_piece_that_does_not_fit_keeps_its_error_type(tmp_path):
         tk.load_checkpoint(path, {"stopper": stopper})
     assert isinstance(info.value, tk.CheckpointError) and info.value.path == path
     assert str(info.value).startswith(f"checkpoint {path}: state['stopper'] does not load")
+
+
+def test_async_reuses_its_host_buffers_and_writes_fresh_values(tmp_path):
+    model = nn.Linear(256, 256)
+    manager = tk.CheckpointManager(tmp_path, async_save=True, keep_last=1)
+    manager.save({"model": model}, step=1)
+    manager.wait()
+    spare = {id(b) for buffers in manager._pool.values() for b in buffers}
+    assert spare, "the snapshot's buffers were not kept for the next save"
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    path = manager.save({"model": model}, step=2)
+    manager.wait()
+    assert {id(b) for buffers in manager._pool.values() for b in buffers} == spare
+    fresh = nn.Linear(256, 256)
+    tk.load_checkpoint(path, {"model": fresh})
+    assert torch.equal(fresh.weight, model.weight)

@@ -27,7 +27,7 @@ from torchkit.checkpoint._files import (
     write_payload,
 )
 from torchkit.checkpoint._integrity import read_checkpoint
-from torchkit.checkpoint._snapshot import BackgroundWriter, snapshot
+from torchkit.checkpoint._snapshot import BackgroundWriter, Pool, snapshot
 
 __all__ = ["CheckpointManager"]
 
@@ -69,7 +69,9 @@ class CheckpointManager:
     fsyncs and renames it, then applies retention. At most one save is in flight: the
     next :meth:`save`, :meth:`wait`, :meth:`load` or the end of the process waits for
     it, and an error in the background is raised by that next call. The bytes written
-    are the same as a synchronous save's.
+    are the same as a synchronous save's. The host buffers of a snapshot are kept for
+    the next one (memory already touched copies about 3x faster), so an asynchronous
+    manager holds one host copy of the state between saves (pinned for CUDA tensors).
 
     Args:
         directory: Where checkpoints live; created if missing.
@@ -173,6 +175,7 @@ class CheckpointManager:
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+)(\.pt)?")
         self._lock = threading.RLock()  # the background writer updates the entries too
         self._writer = BackgroundWriter()
+        self._pool: Pool = {}  # host buffers of the previous async snapshot, reused
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
         self._next_seq = 0
@@ -245,11 +248,18 @@ class CheckpointManager:
         if not self.async_save:
             self._write(payload, path, entry)
             return path
-        copied, ready = snapshot(payload)
+        copied, ready, buffers = snapshot(payload, self._pool)
+        self._pool = {}  # the spare buffers go with this save; they come back after it
 
         def job() -> None:
             ready()
-            self._write(copied, path, entry)
+            try:
+                self._write(copied, path, entry)
+            finally:
+                pool: Pool = {}
+                for buffer in buffers:
+                    pool.setdefault((buffer.nbytes(), buffer.is_pinned()), []).append(buffer)
+                self._pool = pool
 
         self._writer.submit(job)
         return path

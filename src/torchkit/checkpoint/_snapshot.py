@@ -15,30 +15,42 @@ __all__ = ["BackgroundWriter", "snapshot"]
 _log = logging.getLogger(__name__)
 
 
-def snapshot(payload: Any) -> tuple[Any, Callable[[], None]]:
+Pool = dict[tuple[int, bool], list[torch.UntypedStorage]]
+
+
+def snapshot(payload: Any, pool: Pool | None = None
+             ) -> tuple[Any, Callable[[], None], list[torch.UntypedStorage]]:
     """Copy every tensor in ``payload`` to host memory; return the copy and a ``ready()``.
 
     Storages are copied whole and once each, so views and tied tensors keep sharing and
     ``torch.save`` writes the same bytes as for the original. CUDA tensors are copied
     into pinned host memory without blocking: ``ready()`` (called by the writer thread)
-    waits for those copies only.
+    waits for those copies only. Host buffers are taken from ``pool`` (by size) when it
+    has one: memory already touched copies about 3x faster than fresh pages. The third
+    value lists the buffers used, to give back to the pool once the write is done.
     """
     copies: dict[tuple[str, int], torch.UntypedStorage] = {}
     events: list[Any] = []
+    used: list[torch.UntypedStorage] = []
+
+    def host_buffer(nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        spare = (pool or {}).get((nbytes, pinned))
+        if spare:
+            return spare.pop()
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned).untyped_storage()
 
     def copy_storage(storage: torch.UntypedStorage) -> torch.UntypedStorage:
         key = (str(storage.device), storage.data_ptr())
         if key not in copies:
-            if storage.device.type == "cuda":
-                host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True)
-                host.copy_(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
-                    storage), non_blocking=True)
+            cuda = storage.device.type == "cuda"
+            host = host_buffer(storage.nbytes(), cuda)
+            host.copy_(storage, non_blocking=cuda)
+            if cuda:
                 event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record()
                 events.append(event)
-                copies[key] = host.untyped_storage()
-            else:
-                copies[key] = storage.clone()  # type: ignore[no-untyped-call]
+            copies[key] = host
+            used.append(host)
         return copies[key]
 
     def copy(value: Any) -> Any:
@@ -67,7 +79,7 @@ def snapshot(payload: Any) -> tuple[Any, Callable[[], None]]:
         for event in events:
             event.synchronize()
 
-    return copied, ready
+    return copied, ready, used
 
 
 class BackgroundWriter:
