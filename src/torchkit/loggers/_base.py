@@ -15,7 +15,7 @@ from torchkit._utils import check_keys
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["Logger", "check_metrics"]
+__all__ = ["Logger", "check_hparams", "check_metrics"]
 
 class Logger:
     """Base class of torchkit's loggers; subclass it to log anywhere else.
@@ -110,3 +110,16 @@ def check_metrics(
     return values
 
 
+
+
+def check_hparams(hparams: Any, metrics: Mapping[str, float | torch.Tensor], step: int, *,
+                  owner: str) -> dict[str, float]:
+    """Validate ``log_hparams``' arguments; return the final metrics read to the host."""
+    values = check_metrics(metrics, step, owner=owner)
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"hparams must be a mapping of names to values, got "
+                        f"{type(hparams).__name__}")
+    bad = [repr(name) for name in hparams if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"hyperparameter names must be strings, got {', '.join(bad)}")
+    return values

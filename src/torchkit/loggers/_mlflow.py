@@ -13,7 +13,7 @@ import torch
 
 from torchkit._utils import check_keys, require
 from torchkit.distributed import is_main_process
-from torchkit.loggers._base import Logger, check_metrics
+from torchkit.loggers._base import Logger, check_hparams, check_metrics
 
 __all__ = ["MLflowLogger"]
 
@@ -164,13 +164,8 @@ class MLflowLogger(Logger):
             RuntimeError: If the logger is closed.
         """
         step = 0 if self._step is None else self._step
-        values = check_metrics(metrics, step, owner=f"{type(self).__name__}.log_hparams")
-        if not isinstance(hparams, Mapping):
-            raise TypeError(f"hparams must be a mapping of names to values, got "
-                            f"{type(hparams).__name__}")
-        bad = [repr(name) for name in hparams if not isinstance(name, str)]
-        if bad:
-            raise TypeError(f"hyperparameter names must be strings, got {', '.join(bad)}")
+        values = check_hparams(hparams, metrics, step,
+                               owner=f"{type(self).__name__}.log_hparams")
         if not is_main_process():
             return
         client = self._open()

@@ -16,7 +16,7 @@ from torch import nn
 
 from torchkit._names import as_patterns, matches, name_hint, unmatched
 from torchkit._utils import check_keys, require
-from torchkit.loggers._base import Logger, check_metrics
+from torchkit.loggers._base import Logger, check_hparams, check_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -144,13 +144,8 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import summary
 
         step = 0 if self._step is None else self._step
-        values = check_metrics(metrics, step, owner=f"{type(self).__name__}.log_hparams")
-        if not isinstance(hparams, Mapping):
-            raise TypeError(f"hparams must be a mapping of names to values, got "
-                            f"{type(hparams).__name__}")
-        bad = [repr(name) for name in hparams if not isinstance(name, str)]
-        if bad:
-            raise TypeError(f"hyperparameter names must be strings, got {', '.join(bad)}")
+        values = check_hparams(hparams, metrics, step,
+                               owner=f"{type(self).__name__}.log_hparams")
         tags = {f"hparam/{name}": value for name, value in values.items()}
         writer = self.writer
         # SummaryWriter.add_hparams would write these into a new timestamped sub-run.
