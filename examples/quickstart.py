@@ -6,7 +6,7 @@ a best-checkpoint kept by ``tk.CheckpointManager(keep_best=1, monitor="val_loss"
 8x8 digits ship with scikit-learn: nothing is downloaded.
 
     pip install -e ".[tensorboard]" scikit-learn   # in a clone (README: Install)
-    python examples/quickstart.py              # ~99 % val accuracy in about 190 s on 2 CPU cores
+    python examples/quickstart.py              # ~99 % val accuracy in about 40 s on 2 CPU cores
     python examples/quickstart.py --smoke      # one epoch on a tiny subset, for CI
     tensorboard --logdir runs/quickstart       # the curves
 """
