@@ -52,7 +52,8 @@ def test_the_workflow_runs_the_torch_versions_of_ci_run() -> None:
     job = load(".github/workflows/ci.yml")["jobs"]["torch-versions"]
     in_workflow = {(entry["torch"], entry["torchvision"])
                    for entry in job["strategy"]["matrix"]["include"]}
-    in_ci_run = set(re.findall(r"^bash \.ci/torch-version (\S+) ?(\S*)$", CI_RUN, re.M))
+    # Not yet stages of .ci/run (see the comment there): named in it for running by hand.
+    in_ci_run = set(re.findall(r"`bash \.ci/torch-version (\S+) ?(\S*?)`", CI_RUN))
     assert in_workflow == in_ci_run == {("2.8.0", "0.23.0"), ("2.15.0", "")}
     assert runs(job) == [
         "bash .ci/torch-version ${{ matrix.torch }} ${{ matrix.torchvision }}"]
