@@ -263,8 +263,8 @@ class CheckpointManager:
                 self._write(copied, path, entry)
             finally:
                 pool: Pool = {}
-                for buffer in buffers:
-                    pool.setdefault((buffer.nbytes(), buffer.is_pinned()), []).append(buffer)
+                for buffer, pinned in buffers:  # (is_pinned() warns on torch 2.8)
+                    pool.setdefault((buffer.nbytes(), pinned), []).append(buffer)
                 self._pool = pool
 
         self._writer.submit(job)

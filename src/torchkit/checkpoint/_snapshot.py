@@ -19,7 +19,7 @@ Pool = dict[tuple[int, bool], list[torch.UntypedStorage]]
 
 
 def snapshot(payload: Any, pool: Pool | None = None
-             ) -> tuple[Any, Callable[[], None], list[torch.UntypedStorage]]:
+             ) -> tuple[Any, Callable[[], None], list[tuple[torch.UntypedStorage, bool]]]:
     """Copy every tensor in ``payload`` to host memory; return the copy and a ``ready()``.
 
     Storages are copied whole and once each, so views and tied tensors keep sharing and
@@ -31,7 +31,7 @@ def snapshot(payload: Any, pool: Pool | None = None
     """
     copies: dict[tuple[str, int], torch.UntypedStorage] = {}
     events: list[Any] = []
-    used: list[torch.UntypedStorage] = []
+    used: list[tuple[torch.UntypedStorage, bool]] = []  # (buffer, pinned)
 
     def host_buffer(nbytes: int, pinned: bool) -> torch.UntypedStorage:
         spare = (pool or {}).get((nbytes, pinned))
@@ -50,7 +50,7 @@ def snapshot(payload: Any, pool: Pool | None = None
                 event.record()
                 events.append(event)
             copies[key] = host
-            used.append(host)
+            used.append((host, cuda))
         return copies[key]
 
     def copy(value: Any) -> Any:
