@@ -15,7 +15,7 @@ from torchkit._utils import check_keys
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["Logger", "check_hparams", "check_metrics"]
+__all__ = ["Logger", "check_hparams", "check_metrics", "check_run_state"]
 
 class Logger:
     """Base class of torchkit's loggers; subclass it to log anywhere else.
@@ -123,3 +123,14 @@ def check_hparams(hparams: Any, metrics: Mapping[str, float | torch.Tensor], ste
     if bad:
         raise TypeError(f"hyperparameter names must be strings, got {', '.join(bad)}")
     return values
+
+
+def check_run_state(owner: str, run_id: Any, step: Any) -> None:
+    """Validate a run-tracking logger's saved ``run_id`` and last ``step``."""
+    errors = []
+    if run_id is not None and not isinstance(run_id, str):
+        errors.append(f"'run_id' must be a string or None, got {run_id!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        errors.append(f"'step' must be an int or None, got {step!r}")
+    if errors:
+        raise TypeError(f"{owner} state: " + "; ".join(errors))

@@ -13,7 +13,7 @@ import torch
 
 from torchkit._utils import check_keys, require
 from torchkit.distributed import is_main_process
-from torchkit.loggers._base import Logger, check_hparams, check_metrics
+from torchkit.loggers._base import Logger, check_hparams, check_metrics, check_run_state
 
 __all__ = ["MLflowLogger"]
 
@@ -218,7 +218,7 @@ class MLflowLogger(Logger):
         """
         check_keys(state_dict, expected=("run_id", "step"), owner=type(self).__name__)
         run_id, step = state_dict["run_id"], state_dict["step"]
-        _check_state(type(self).__name__, run_id, step)
+        check_run_state(type(self).__name__, run_id, step)
         if self._closed:
             raise RuntimeError(f"this MLflowLogger (run {self._run_id}) is closed")
         if run_id is not None:
@@ -231,16 +231,6 @@ class MLflowLogger(Logger):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.experiment!r}, run_id={self._run_id!r}, "
                 f"step={self._step})")
-
-
-def _check_state(owner: str, run_id: Any, step: Any) -> None:
-    errors = []
-    if run_id is not None and not isinstance(run_id, str):
-        errors.append(f"'run_id' must be a string or None, got {run_id!r}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-        errors.append(f"'step' must be an int or None, got {step!r}")
-    if errors:
-        raise TypeError(f"{owner} state: " + "; ".join(errors))
 
 
 def _logged_after(client: Any, run: Any, step: int) -> set[tuple[str, int]]:

@@ -17,8 +17,7 @@ import torch
 
 from torchkit._utils import check_keys, require
 from torchkit.distributed import is_main_process
-from torchkit.loggers._base import Logger, check_hparams, check_metrics
-from torchkit.loggers._mlflow import _check_state
+from torchkit.loggers._base import Logger, check_hparams, check_metrics, check_run_state
 
 __all__ = ["WandbLogger"]
 
@@ -191,7 +190,7 @@ class WandbLogger(Logger):
         """
         check_keys(state_dict, expected=("run_id", "step"), owner=type(self).__name__)
         run_id, step = state_dict["run_id"], state_dict["step"]
-        _check_state(type(self).__name__, run_id, step)
+        check_run_state(type(self).__name__, run_id, step)
         if self._closed:
             raise RuntimeError(f"this WandbLogger (run {self._run_id}) is closed")
         if self._run is not None:
