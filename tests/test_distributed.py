@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import torchkit as tk
-from torchkit import distributed
+from torchkit.distributed import _launch
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND_S = 60  # every launch below must return or raise well within this
@@ -152,8 +152,8 @@ def test_a_taken_port_is_retried_with_another(monkeypatch):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    ports = iter([busy.getsockname()[1], distributed._free_port()])
-    monkeypatch.setattr(distributed, "_free_port", lambda: next(ports))
+    ports = iter([busy.getsockname()[1], _launch._free_port()])
+    monkeypatch.setattr(_launch, "_free_port", lambda: next(ports))
     try:
         assert tk.launch(_identity, "ok", nprocs=1, backend="gloo") == ["ok"]
     finally:
@@ -292,7 +292,7 @@ def test_an_existing_group_runs_fn_here_once(single_process_group):
 
 
 def test_launcher_environment_initialises_runs_once_and_destroys(monkeypatch):
-    port = distributed._free_port()
+    port = _launch._free_port()
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, value)

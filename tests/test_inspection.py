@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchkit as tk
 import torchkit._names
-import torchkit.inspection
+import torchkit.inspection._capture
 import torchkit.surgery._editing
 import torchkit.surgery._freezing
 
@@ -46,7 +46,8 @@ def global_hooks() -> int:
 
 def test_capture_uses_the_glob_matcher_of_freeze():
     # One matcher for qualified names, imported by every piece that selects by name.
-    for module in (torchkit.inspection, torchkit.surgery._freezing, torchkit.surgery._editing):
+    for module in (torchkit.inspection._capture, torchkit.surgery._freezing,
+                   torchkit.surgery._editing):
         assert module.matches is torchkit._names.matches
         assert module.unmatched is torchkit._names.unmatched
     model = Net()
