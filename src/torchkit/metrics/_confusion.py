@@ -1,189 +1,26 @@
-"""Classification metrics computed on the device, without a host sync per batch.
-
-:func:`accuracy` scores one batch and returns a 0-d tensor on the outputs' device, so a
-loop can sum it across batches and read it once at log time. :class:`ConfusionMatrix`
-accumulates counts across batches on the device.
-
-**The metric protocol.** ``Trainer`` (and any hand-written loop) accepts, besides plain
-callables ``fn(outputs, targets) -> Tensor``, any object with these three methods —
-the protocol torchmetrics follows too, described by :class:`Metric`:
-
-- ``update(outputs, targets)``: add one batch; must not read values back to the host.
-- ``compute()``: the value over every batch since the last ``reset`` (may sync).
-- ``reset()``: forget every batch, ready for the next epoch.
-- ``all_reduce()`` (optional): sum the state over the ranks of the default process group
-  in place, so ``compute()`` covers every rank's data. ``Trainer`` calls it before
-  ``compute()`` under a process group, and refuses a stateful metric that has neither
-  it nor its own synchronisation (torchmetrics' ``sync_on_compute``).
-
-**Input shapes** (class dimension 1, as in :func:`torch.nn.functional.cross_entropy`):
-``outputs`` are scores (logits or probabilities) of shape ``(N, C)`` or
-``(N, C, d1, ...)``; ``targets`` are class indices of shape ``(N,)`` / ``(N, d1, ...)``
-(an integer tensor) or one-hot/soft labels of the same shape as ``outputs`` (reduced
-with ``argmax`` over dimension 1).
-"""
+"""ConfusionMatrix: (true, predicted) counts across batches on the device, and scores from them."""
 
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from torchkit._utils import check_keys, require
+from torchkit.metrics._inputs import check_tensors, target_indices
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["ConfusionMatrix", "Metric", "accuracy"]
+__all__ = ["ConfusionMatrix"]
 
 _log = logging.getLogger(__name__)
 
 _NORMALIZE = (None, "true", "pred", "all")
-
-
-@runtime_checkable
-class Metric(Protocol):
-    """A stateful metric: ``update`` per batch, ``compute`` at log time, ``reset`` per epoch.
-
-    Any object with these methods qualifies (torchmetrics metrics do); torchkit's
-    :class:`ConfusionMatrix` is one.
-
-    Example:
-        >>> isinstance(tk.ConfusionMatrix(3), tk.Metric)
-        True
-        >>> isinstance(tk.accuracy, tk.Metric)  # a plain function is not stateful
-        False
-    """
-
-    def update(self, outputs: torch.Tensor, targets: torch.Tensor, /) -> Any:
-        """Add one batch of model outputs and targets, staying on the device."""
-        ...
-
-    def compute(self) -> Any:
-        """Return the metric over every batch since the last :meth:`reset`."""
-        ...
-
-    def reset(self) -> Any:
-        """Forget every batch seen."""
-        ...
-
-
-def accuracy(
-    outputs: torch.Tensor, targets: torch.Tensor, *, top_k: int = 1, threshold: float = 0.0
-) -> torch.Tensor:
-    """Return the fraction of samples whose target is among the ``top_k`` highest scores.
-
-    Multi-class: ``outputs`` of shape ``(N, C, ...)`` with ``C >= 2`` and targets as
-    described in the module docs. Binary: ``outputs`` of shape ``(N, ...)`` or
-    ``(N, 1, ...)`` are logits, predicted positive when ``> threshold`` (use
-    ``threshold=0.5`` for probabilities); ``targets`` of shape ``(N, ...)`` or
-    ``(N, 1, ...)`` hold 0/1 labels (any value ``> 0.5`` counts as positive). With
-    ``(N, d1, ...)`` outputs every position counts as one sample.
-
-    The result stays on the outputs' device: nothing is read back to the host, so
-    calling it every batch costs no synchronisation. Target values are not
-    range-checked (that would need a host read): an index outside ``[0, C)`` simply
-    never matches.
-
-    Args:
-        outputs: Scores, logits or probabilities, class dimension 1.
-        targets: Class indices (integer tensor) or one-hot/soft labels.
-        top_k: How many of the highest-scoring classes may contain the target.
-        threshold: The decision threshold for binary outputs.
-
-    Returns:
-        A 0-d float32 tensor in ``[0, 1]`` on the device of ``outputs``.
-
-    Raises:
-        TypeError: If an argument is not a tensor, or index targets are not integers.
-        ValueError: If the shapes do not match, the batch is empty or ``top_k`` is out
-            of range.
-
-    Example:
-        >>> logits = torch.tensor([[2.0, 1.0, 0.1], [0.2, 0.3, 3.0], [1.0, 2.0, 0.0]])
-        >>> targets = torch.tensor([0, 1, 1])
-        >>> tk.accuracy(logits, targets)
-        tensor(0.6667)
-        >>> tk.accuracy(logits, targets, top_k=2)
-        tensor(1.)
-        >>> tk.accuracy(torch.tensor([1.5, -0.3, 0.2]), torch.tensor([1, 0, 0]))  # binary
-        tensor(0.6667)
-    """
-    _check_tensors(outputs, targets)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold must be a number, got {threshold!r}")
-    if outputs.numel() == 0:
-        raise ValueError(
-            f"accuracy of an empty batch is undefined: outputs has shape {tuple(outputs.shape)}"
-        )
-    if outputs.ndim == 1 or outputs.shape[1] == 1:
-        correct = _binary_correct(outputs, targets, top_k=top_k, threshold=float(threshold))
-    else:
-        classes = outputs.shape[1]
-        if top_k > classes:
-            raise ValueError(
-                f"top_k must be at most the number of classes ({classes}), got {top_k}"
-            )
-        indices = _target_indices(outputs, targets)
-        if top_k == 1:
-            correct = outputs.argmax(dim=1) == indices
-        else:
-            best = outputs.topk(top_k, dim=1).indices
-            correct = (best == indices.unsqueeze(1)).any(dim=1)
-    return correct.float().mean()
-
-
-def _check_tensors(outputs: object, targets: object) -> None:
-    bad = [
-        f"{name} must be a torch.Tensor, got {type(value).__name__}"
-        for name, value in (("outputs", outputs), ("targets", targets))
-        if not isinstance(value, torch.Tensor)
-    ]
-    if bad:
-        raise TypeError("; ".join(bad))
-
-
-def _binary_correct(
-    outputs: torch.Tensor, targets: torch.Tensor, *, top_k: int, threshold: float
-) -> torch.Tensor:
-    if top_k != 1:
-        raise ValueError(f"top_k must be 1 for binary outputs of shape "
-                         f"{tuple(outputs.shape)}, got {top_k}")
-    scores = outputs.squeeze(1) if outputs.ndim > 1 else outputs
-    labels = targets.squeeze(1) if targets.ndim > 1 and targets.shape[1] == 1 else targets
-    if labels.shape != scores.shape:
-        raise ValueError(
-            f"binary targets must have shape {tuple(scores.shape)} (or with a size-1 "
-            f"dimension 1) to match outputs of shape {tuple(outputs.shape)}, got "
-            f"{tuple(targets.shape)}"
-        )
-    return (scores > threshold) == (labels > 0.5)
-
-
-def _target_indices(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Class indices of shape ``outputs.shape`` without dimension 1."""
-    index_shape = outputs.shape[:1] + outputs.shape[2:]
-    if targets.shape == outputs.shape:
-        return targets.argmax(dim=1)
-    if targets.shape != index_shape:
-        raise ValueError(
-            f"targets must be class indices of shape {tuple(index_shape)} or one-hot/soft "
-            f"labels of shape {tuple(outputs.shape)} to match outputs of shape "
-            f"{tuple(outputs.shape)}, got {tuple(targets.shape)}"
-        )
-    if targets.is_floating_point() or targets.is_complex():
-        raise TypeError(
-            f"class index targets must be an integer tensor, got {targets.dtype}; "
-            "convert them with targets.long()"
-        )
-    return targets
 
 
 class ConfusionMatrix:
@@ -279,7 +116,7 @@ class ConfusionMatrix:
     def _pairs(
         self, outputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_tensors(outputs, targets)
+        check_tensors(outputs, targets)
         if outputs.is_floating_point():
             if outputs.ndim < 2 or outputs.shape[1] != self.num_classes:
                 raise ValueError(
@@ -287,7 +124,7 @@ class ConfusionMatrix:
                     f"classes in dimension 1, got {tuple(outputs.shape)}; pass integer "
                     "predicted indices instead (e.g. (logits > 0).long() for binary)"
                 )
-            return outputs.argmax(dim=1), _target_indices(outputs, targets)
+            return outputs.argmax(dim=1), target_indices(outputs, targets)
         if outputs.is_complex() or targets.is_floating_point() or targets.is_complex():
             raise TypeError(
                 f"predicted indices need integer targets of the same shape, got outputs "
