@@ -83,3 +83,28 @@ def batch_size(batch: Any) -> int:
             if size:
                 return size
     return 0
+
+
+def check_not_empty(batch: Any, epoch: int, batch_idx: int) -> None:
+    """Refuse a batch with 0 samples (its mean loss is nan): say what it is instead."""
+    shape = first_shape(batch)
+    if shape is None or not shape or shape[0] != 0:
+        return  # a custom batch whose size is unknown
+    raise ValueError(
+        f"batch {batch_idx} of epoch {epoch} has 0 samples (its first tensor has shape "
+        f"{shape}): a 0-sample batch has no mean loss; check the sampler / "
+        "collate_fn, or drop empty batches"
+    )
+
+
+def first_shape(batch: Any) -> tuple[int, ...] | None:
+    """The shape of the first tensor in a batch (``None`` if it holds none at its top)."""
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape)
+    if not isinstance(batch, Mapping | list | tuple):
+        return None
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return None

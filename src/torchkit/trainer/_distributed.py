@@ -8,14 +8,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from torchkit.distributed import get_rank, get_world_size
 
-__all__ = ["ShardSampler", "all_reduce_sum", "any_ranks", "gather", "set_epoch", "shard"]
+__all__ = ["ShardSampler", "all_reduce_sum", "any_ranks", "gather", "set_epoch", "shard",
+           "wrap_ddp"]
 
 _log = logging.getLogger("torchkit.trainer")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap ``model`` in DDP under a process group (not one that is DDP already)."""
+    if get_world_size() == 1 or isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

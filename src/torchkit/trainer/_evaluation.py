@@ -1,18 +1,71 @@
-"""Private: what Trainer.evaluate sums on the device and reduces over ranks; step outputs."""
+"""Private: Trainer.evaluate and predict: the loops, the sums they keep, step outputs."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from torchkit._batches import batch_size
+from torchkit._batches import batch_size, to_device
 from torchkit.distributed import get_world_size
 from torchkit.trainer import _distributed as ddp
+from torchkit.trainer._compile import compile_errors
 from torchkit.trainer._ledger import SUM_DTYPE
 
-__all__ = ["EvalSums", "reduce_metric", "scalars", "unpack_step"]
+__all__ = ["EvalSums", "evaluate", "predict", "reduce_metric", "scalars", "unpack_step"]
+
+
+@torch.no_grad()
+def evaluate(trainer: Any, data: Iterable[Any], prefix: str) -> dict[str, Any]:
+    """``Trainer.evaluate``: eval mode, the trainer's precision, sums reduced over ranks."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str such as 'val' or 'test', got {prefix!r}")
+    if not prefix:
+        raise ValueError("prefix must be a non-empty str such as 'val' or 'test', got ''")
+    if not trainer._sharded:  # a sharded model's forward is a collective: all see all
+        data = ddp.shard(data, train=False, seed=0)
+    model, device = trainer.model, trainer.device
+    was_training = model.training
+    model.eval()
+    sums = EvalSums(trainer.metrics, device)
+    try:
+        with compile_errors(trainer._compiled.option):
+            for batch in data:
+                batch = to_device(batch, device)
+                with trainer._autocast():
+                    out = trainer.eval_step(batch)
+                sums.add(*unpack_step(out, batch))
+    finally:
+        model.train(was_training)
+    return sums.results(prefix)
+
+
+@torch.no_grad()
+def predict(trainer: Any, data: Iterable[Any] | torch.Tensor) -> torch.Tensor:
+    """``Trainer.predict``: every batch's outputs, moved to the CPU as they come, in order."""
+    if isinstance(data, torch.Tensor):
+        data = [data]  # one batch: iterating a tensor would make each row a batch
+    elif isinstance(data, str | bytes) or not isinstance(data, Iterable):
+        raise TypeError(f"data must be a DataLoader, an iterable of batches or a tensor, "
+                        f"got {type(data).__name__}")
+    model, device = trainer.model, trainer.device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for batch in data:
+            with trainer._autocast(), compile_errors(trainer._compiled.option):
+                out = trainer.predict_step(to_device(batch, device))
+            out = out.detach().to("cpu")
+            if out.dtype in (torch.bfloat16, torch.float16) and trainer.precision != "32":
+                out = out.float()  # autocast's dtype is not the user's
+            outputs.append(out)
+    finally:
+        model.train(was_training)
+    if not outputs:
+        raise ValueError("predict() got no batches: the data is empty")
+    return torch.cat(outputs)
 
 
 def unpack_step(out: Any, batch: Any) -> tuple[Any, Any, Any, int]:

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkit._batches import split_batch
 from torchkit._grads import group_by_device_and_dtype
+from torchkit.distributed import is_main_process
 from torchkit.trainer._evaluation import EvalSums
 
-__all__ = ["StepLog", "TrainSums", "WeightsGuard"]
+__all__ = ["StepLog", "TrainSums", "WeightsGuard", "log_graph"]
 
 
 class WeightsGuard:
@@ -159,6 +161,16 @@ class StepLog:
         """The loss ledger starts a new epoch's sums: so does this."""
         self._sum, self._count = 0.0, 0
 
+    def log(self, trainer: Any) -> None:
+        """Log ``train_loss_step`` and ``lr_step`` at this optimizer step (one host read)."""
+        logger = trainer.logger
+        if logger is None or not is_main_process():
+            return
+        ledger = trainer._ledger
+        values = self.values(ledger.running(), ledger.epoch_count + ledger.window_size,
+                             lr=trainer.optimizer.param_groups[0]["lr"])
+        logger.log_metrics(values, step=trainer.global_step)
+
     def values(self, running: Mapping[str, float], count: int, *, lr: float) -> dict[str, float]:
         """The scalars to log, from the ledger's running mean over ``count`` samples."""
         out = {"lr_step": float(lr)}
@@ -168,3 +180,12 @@ class StepLog:
             self._sum, self._count = total, count
         return out
 
+
+def log_graph(logger: Any, model: nn.Module, batch: Any) -> None:
+    """``TensorBoardLogger(log_graph=True)``: the graph, traced on the first batch's inputs."""
+    try:
+        inputs = split_batch(batch)[0]
+    except (TypeError, KeyError):
+        return  # a custom batch: the user can call logger.log_graph themselves
+    if logger is not None:
+        logger.log_graph(model, inputs)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from torchkit.callbacks import TimeLimit, UnfreezeSchedule
 
-__all__ = ["PlannedStop", "averaged_weights", "check_max_steps", "load_order",
-           "restore_groups", "saves_on_stop"]
+__all__ = ["PlannedStop", "averaged_weights", "budget_spent", "check_max_steps", "load_order",
+           "planned_stop", "restore_groups", "saves_on_stop", "stop_planned"]
 
 
 class PlannedStop(Exception):
@@ -29,6 +29,35 @@ def check_max_steps(max_steps: object) -> int | None:
                                   or max_steps < 1):
         raise ValueError(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
     return max_steps
+
+
+def budget_spent(trainer: Any) -> bool:
+    """Whether ``fit(max_steps=)`` has been reached."""
+    return trainer._max_steps is not None and trainer.global_step >= trainer._max_steps
+
+
+def stop_planned(trainer: Any) -> bool:
+    """After an optimizer step: call ``on_optimizer_step``; whether a planned stop is due.
+
+    Due when that hook set ``should_stop`` (``TimeLimit``) or ``max_steps`` is reached.
+    """
+    stopped = trainer.should_stop
+    if trainer._hooks["on_optimizer_step"]:
+        trainer._call("on_optimizer_step")
+    if budget_spent(trainer) and not trainer.should_stop:
+        trainer.should_stop = True
+        trainer.stop_reason = f"max_steps={trainer._max_steps} reached"
+    return bool(trainer.should_stop and not stopped)
+
+
+def planned_stop(trainer: Any) -> NoReturn:
+    """Save (as a run that can go on when resumed), then end ``fit`` normally."""
+    reason = trainer.stop_reason
+    if trainer.checkpoint is not None and saves_on_stop(trainer.callbacks):
+        trainer.should_stop, trainer.stop_reason = False, None
+        trainer._save(None)
+    trainer.should_stop, trainer.stop_reason = True, reason
+    raise PlannedStop
 
 
 def saves_on_stop(callbacks: Sequence[Any]) -> bool:

@@ -3,22 +3,94 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from torchkit._utils import check_keys
 from torchkit.checkpoint import CheckpointManager, load_checkpoint
-from torchkit.distributed import get_rank, get_world_size
+from torchkit.distributed import barrier, get_rank, get_world_size, is_main_process
 from torchkit.state import get_rng_state, set_rng_state
 from torchkit.trainer import _distributed as ddp
+from torchkit.trainer import _recipes
 
-__all__ = ["ResumePoint", "checkpoint_state", "load", "load_callbacks", "upgrade_legacy"]
+__all__ = ["ResumePoint", "checkpoint_state", "load", "load_callbacks", "load_trainer_state",
+           "restore", "save", "trainer_state", "upgrade_legacy"]
 
 _log = logging.getLogger("torchkit.trainer")
 
 # What Trainer.state_dict held in torchkit 0.1.0: still loaded, so its checkpoints resume.
 _LEGACY_KEYS = ("epoch", "batch_idx", "should_stop", "stop_reason", "epoch_rng", "epoch_loss",
                 "epoch_count", "history", "callbacks", "logger", "rank_rngs")
+
+
+# What Trainer.state_dict holds (the model, optimizer, ... are saved beside it).
+_STATE_KEYS = ("epoch", "batch_idx", "should_stop", "stop_reason", "loss", "rng", "history",
+               "callbacks", "logger")
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """``Trainer.state_dict``: progress, loss sums, every rank's RNG record, history, ..."""
+    return {
+        "epoch": trainer.epoch,
+        "batch_idx": trainer.batch_idx,
+        "should_stop": trainer.should_stop,
+        "stop_reason": trainer.stop_reason,
+        "loss": trainer._ledger.state_dict(),
+        "rng": trainer._resume_point.state_dict(),
+        "history": trainer.history.state_dict(),
+        "callbacks": [cb.state_dict() for cb in trainer.callbacks],
+        "logger": None if trainer.logger is None else trainer.logger.state_dict(),
+    }
+
+
+def load_trainer_state(trainer: Any, state: Mapping[str, Any]) -> None:
+    """``Trainer.load_state_dict``: what :func:`trainer_state` returned, or 0.1.0's layout."""
+    state = upgrade_legacy(state)
+    check_keys(state, expected=_STATE_KEYS, owner=type(trainer).__name__)
+    load_callbacks(trainer.callbacks, state["callbacks"])
+    _recipes.restore_groups(trainer)  # UnfreezeSchedule's groups, before the optimizer loads
+    if trainer.logger is not None and state["logger"] is not None:
+        trainer.logger.load_state_dict(state["logger"])
+    trainer.epoch = state["epoch"]
+    trainer.batch_idx = state["batch_idx"]
+    trainer.should_stop = state["should_stop"]
+    trainer.stop_reason = state["stop_reason"]
+    trainer._ledger.load_state_dict(state["loss"])
+    trainer._resume_point.load_state_dict(state["rng"])
+    trainer.history.load_state_dict(state["history"])
+
+
+def save(trainer: Any, metrics: Mapping[str, float] | None) -> None:
+    """Checkpoint the trainer (if it has a manager): every rank calls it at the same point.
+
+    The pending losses are checked first, so no checkpoint holds weights after a nan step.
+    An end-of-epoch save (with ``metrics``) carries the epoch just finished, as
+    ``History["epoch"]`` does; a mid-epoch one the running epoch.
+    """
+    checkpoint = trainer.checkpoint
+    if checkpoint is None:
+        return
+    trainer._check_losses()
+    state = checkpoint_state(trainer)
+    trainer._call("on_checkpoint_save", state)
+    trainer._resume_point.capture(mid_epoch=trainer.batch_idx > 0)  # every rank's RNG
+    if is_main_process() or checkpoint.uses_dcp(state):  # DCP: every rank writes
+        epoch = trainer.epoch - 1 if metrics is not None else trainer.epoch
+        checkpoint.save(state, step=trainer.global_step, epoch=epoch, metrics=metrics)
+    barrier()  # no rank goes on (or reads it) before the file is complete
+
+
+def restore(trainer: Any, resume: str | Path) -> None:
+    """``fit(resume=)``: load the state, take this rank's RNG record, ``on_checkpoint_load``."""
+    state = _recipes.load_order(checkpoint_state(trainer))  # groups, then the optimizer
+    meta = load(resume, trainer.checkpoint, state, trainer._resume_point)
+    if meta is None:
+        return
+    _log.info("resumed from %s (epoch %d, step %d)", meta["path"], trainer.epoch,
+              trainer.global_step)
+    trainer._resume_point.restore(batch_idx=trainer.batch_idx)
+    trainer._call("on_checkpoint_load", meta)
 
 
 def checkpoint_state(trainer: Any) -> dict[str, Any]:
@@ -124,11 +196,20 @@ class ResumePoint:
             set_rng_state(self._epoch_rng)
         return self._pick_up[0]
 
-    def picked_up(self) -> None:
-        """After the trained batches were skipped: continue the RNG from the save."""
+    def skip(self, batches: Iterator[Any], start: int, bar: Any) -> Iterator[Any]:
+        """The epoch's batch iterator, past the ``start`` batches a resumed epoch trained.
+
+        They were consumed before the crash: the same order, not trained again; the
+        progress ``bar`` counts them. Then the randomness continues from the save.
+        """
+        for _ in range(start):
+            next(batches)
+        if start:
+            bar.update(start)
         if self._pick_up is not None:
             set_rng_state(self._pick_up[1])
             self._pick_up = None
+        return batches
 
     def capture(self, *, mid_epoch: bool) -> None:
         """Record every rank's RNG before a save (a collective: every rank calls it)."""

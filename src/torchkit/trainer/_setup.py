@@ -1,26 +1,43 @@
-"""Private helpers for Trainer: option checks, device, metric names, hparams, hook dispatch."""
+"""Private helpers for Trainer: option checks, device, metric names, hparams, hook dispatch.
+
+Also what ``fit`` decides once per call: its argument checks, whether to log the graph,
+whether window ends take the short way, and what is logged at the end of the run.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from torchkit._utils import check_module
 from torchkit.callbacks import HOOKS, Callback
 from torchkit.checkpoint import CheckpointManager
+from torchkit.distributed import is_main_process
 from torchkit.trainer._compile import check_compile
+from torchkit.trainer._evaluation import scalars
+from torchkit.trainer._recipes import check_max_steps
+from torchkit.trainer._scheduler import steps_per_optimizer_step
 
 __all__ = [
     "Metric",
     "as_callbacks",
+    "autocast",
+    "check_fit",
     "check_more_options",
     "check_options",
+    "check_precision",
     "check_sharding",
+    "graph_on_fit",
     "hook_table",
+    "log_run",
     "named_metrics",
+    "plain_windows",
     "resolve_device",
     "run_hparams",
 ]
@@ -245,6 +262,74 @@ def overrides(callback: Any, hook: str) -> bool:
     if method is None:
         return False
     return not isinstance(callback, Callback) or method is not getattr(Callback, hook)
+
+
+def check_fit(*, epochs: Any, resume: Any, max_steps: object, model: nn.Module) -> int | None:
+    """Check ``fit``'s arguments, each under its own name; return ``max_steps``."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    max_steps = check_max_steps(max_steps)
+    if resume is not None and not isinstance(resume, str | Path):
+        raise TypeError(f"resume must be 'latest', 'best', a checkpoint path or None, got "
+                        f"{type(resume).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "the model has no trainable parameters (none has requires_grad=True), so "
+            "fit cannot train it: unfreeze some (tk.unfreeze) or only evaluate/predict"
+        )
+    return max_steps
+
+
+def graph_on_fit(logger: Any) -> bool:
+    """Whether ``fit`` logs the model graph: only a logger that asks for it does.
+
+    (``TensorBoardLogger(log_graph=True)``; an explicit ``logger.log_graph`` call always
+    writes, so calling it is the decision.)
+    """
+    return logger is not None and is_main_process() and bool(
+        getattr(logger, "graph_on_fit", False))
+
+
+def plain_windows(trainer: Any) -> bool:
+    """Whether a window end needs only the ledger, the bulk check and signals.
+
+    True without a step log, a per-step scheduler, an ``on_optimizer_step`` hook, a step
+    budget, step checkpoints and other ranks: the trainer then skips the rest per step.
+    """
+    return trainer._world == 1 and not (
+        trainer._step_log.every or trainer._hooks["on_optimizer_step"]
+        or trainer.checkpoint_every or trainer._max_steps is not None
+        or steps_per_optimizer_step(trainer.scheduler, trainer.scheduler_interval))
+
+
+def log_run(trainer: Any, epochs: int) -> None:
+    """At the end of ``fit`` (rank 0): the run's hyper-parameters and final metrics."""
+    logger, records = trainer.logger, trainer.history.records
+    if logger is None or not is_main_process() or not records:
+        return
+    final = {k: float(v) for k, v in scalars(records[-1]).items() if k not in ("epoch", "lr")}
+    logger.log_hparams(run_hparams(trainer, epochs), final)
+    logger.flush()
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The forward's context for ``precision``: nothing for ``"32"``, else ``torch.autocast``."""
+    if precision == "32":
+        return _NOTHING
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """``precision="16"`` needs CUDA (float16 with a GradScaler); say what to use instead."""
+    if precision == "16" and device.type != "cuda":
+        raise ValueError(
+            f"precision='16' needs a CUDA device (float16 with a GradScaler), but the "
+            f"device is {device}; use precision='bf16' on CPU"
+        )
 
 
 def check_sharding(*, parallelize: Any, mesh: Any, checkpoint: Any) -> None:

@@ -8,12 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkit._fsdp import has_dtensor_params
 from torchkit.distributed import get_world_size
 
-__all__ = ["build_mesh", "is_sharded", "prepare", "repoint_optimizer"]
-
-is_sharded = has_dtensor_params
+__all__ = ["build_mesh", "prepare", "repoint_optimizer"]
 
 
 def build_mesh(device: torch.device) -> Any:

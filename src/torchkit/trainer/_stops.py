@@ -14,7 +14,7 @@ import torch
 from torchkit.distributed import get_world_size
 from torchkit.trainer import _distributed as ddp
 
-__all__ = ["SYNC_EVERY", "StopSignals"]
+__all__ = ["SYNC_EVERY", "StopSignals", "sync_stops"]
 
 _log = logging.getLogger("torchkit.trainer")
 
@@ -94,3 +94,30 @@ class StopSignals:
         if signum == signal.SIGINT:
             return KeyboardInterrupt()
         return SystemExit(128 + signum)
+
+
+def sync_stops(trainer: Any, *, weights: bool = False) -> None:
+    """The one cross-rank stop check: ``should_stop``, a signal and a nan loss, shared.
+
+    An inf/nan gradient with a finite loss ruins the weights without a bad loss, so the
+    weights are checked here too, with the losses (in bulk, off the per-step path):
+    always at epoch ends and before saves (``weights=True``), else within a time budget.
+
+    Raises:
+        FloatingPointError: If a loss (or the weights) became nan/inf, here or on
+            another rank.
+    """
+    ledger = trainer._ledger
+    nonfinite = ledger.nonfinite()
+    weights_bad = not nonfinite and ledger.checks_in_bulk and trainer._weights_guard.bad(
+        trainer.model, epoch=trainer.epoch, batch_idx=trainer.batch_idx - 1,
+        step=trainer.global_step, force=weights)
+    nonfinite = nonfinite or weights_bad
+    stop_any, nonfinite_any = trainer._stops.sync(should_stop=trainer.should_stop,
+                                                  nonfinite=nonfinite, device=trainer.device)
+    if stop_any and not trainer.should_stop:
+        trainer.should_stop, trainer.stop_reason = True, "another rank decided to stop"
+    if nonfinite_any:
+        if weights_bad:
+            raise trainer._weights_guard.error()
+        raise ledger.error(trainer.epoch, here=nonfinite)

@@ -1,59 +1,65 @@
 """Trainer: the everyday fit / evaluate / predict loop, composed from torchkit's pieces.
 
-The loop only: loss bookkeeping (``_ledger``), stop signals (``_stops``), resume
-(``_resume``), evaluation sums (``_evaluation``), option checks (``_setup``) and
-process-group helpers (``_distributed``) live in their own private modules beside it.
-Over the ~450-line budget (under ~600) because a third of it is public docstrings (every
-option, ``fit``'s pseudocode) and the loop they document reads best in one place.
+The loop only (options, fit / run epoch / train batch / end window, evaluate, predict,
+state). Beside it, each in its own private module: loss bookkeeping and the non-finite
+policy (``_ledger``), stop signals and the cross-rank stop check (``_stops``), resume
+and checkpoints (``_resume``), the evaluate / predict loops (``_evaluation``), the
+scheduler rule (``_scheduler``), option checks (``_setup``), process groups
+(``_distributed``), sharding (``_sharding``), ``torch.compile`` (``_compile``), the
+recipes' planned stops (``_recipes``) and the weights guard, training metrics and step
+log (``_guards``). Over the ~450-line budget because half of it is public docstrings
+(every option, ``fit``'s pseudocode), which belong with the loop they document.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import torch
 from torch import nn
 
-from torchkit._batches import batch_inputs, batch_size, split_batch, to_device
-from torchkit._utils import check_keys, unwrap
+from torchkit._batches import batch_inputs, batch_size, check_not_empty, split_batch, to_device
+from torchkit._fsdp import has_dtensor_params
+from torchkit._utils import unwrap
 from torchkit.accumulation import GradAccumulator
 from torchkit.callbacks import Callback, TrainerView
 from torchkit.checkpoint import CheckpointManager
-from torchkit.distributed import barrier, get_world_size, is_main_process
+from torchkit.distributed import get_world_size, is_main_process
 from torchkit.progress import ProgressBar
 from torchkit.state import seed_everything
 from torchkit.trainer import _distributed as ddp
-from torchkit.trainer import _recipes, _resume, _sharding
+from torchkit.trainer import _evaluation, _recipes, _resume, _sharding
 from torchkit.trainer._compile import CompiledModels, compile_errors
-from torchkit.trainer._evaluation import EvalSums, scalars, unpack_step
-from torchkit.trainer._guards import StepLog, TrainSums, WeightsGuard
+from torchkit.trainer._evaluation import scalars, unpack_step
+from torchkit.trainer._guards import StepLog, TrainSums, WeightsGuard, log_graph
 from torchkit.trainer._history import History
 from torchkit.trainer._ledger import make_ledger
+from torchkit.trainer._scheduler import step_scheduler
 from torchkit.trainer._setup import (
     Metric,
     as_callbacks,
+    autocast,
+    check_fit,
     check_more_options,
     check_options,
+    check_precision,
     check_sharding,
+    graph_on_fit,
     hook_table,
+    log_run,
     named_metrics,
+    plain_windows,
     resolve_device,
-    run_hparams,
 )
-from torchkit.trainer._stops import SYNC_EVERY, StopSignals
+from torchkit.trainer._stops import SYNC_EVERY, StopSignals, sync_stops
 
 __all__ = ["Trainer"]
 
 _log = logging.getLogger("torchkit.trainer")
-
-_NOTHING = contextlib.nullcontext()
-
-_STATE_KEYS = ("epoch", "batch_idx", "should_stop", "stop_reason", "loss", "rng", "history",
-               "callbacks", "logger")
 
 
 class Trainer:
@@ -226,23 +232,17 @@ class Trainer:
                       scheduler_interval=scheduler_interval,
                       scheduler_monitor=scheduler_monitor, nonfinite=nonfinite,
                       compile=compile)
+        check_sharding(parallelize=parallelize, mesh=mesh, checkpoint=checkpoint)
         if seed is not None:
             seed_everything(seed)
         self.device = resolve_device(device)
-        if precision == "16" and self.device.type != "cuda":
-            raise ValueError(
-                f"precision='16' needs a CUDA device (float16 with a GradScaler), but the "
-                f"device is {self.device}; use precision='bf16' on CPU"
-            )
-        model = model.to(self.device)
-        check_sharding(parallelize=parallelize, mesh=mesh, checkpoint=checkpoint)
-        model = _sharding.prepare(model, optimizer, parallelize, mesh, self.device)
-        self._sharded = _sharding.is_sharded(model)  # DTensor parameters: never DDP
+        check_precision(precision, self.device)
+        model = _sharding.prepare(model.to(self.device), optimizer, parallelize, mesh,
+                                  self.device)
+        self._sharded = has_dtensor_params(model)  # DTensor parameters: never DDP
         self._world = get_world_size()
-        if self._world > 1 and not self._sharded and not isinstance(
-                model, nn.parallel.DistributedDataParallel):
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if not self._sharded:
+            model = ddp.wrap_ddp(model, self.device)
         self.model, self.optimizer, self.loss_fn, self.scheduler = model, optimizer, loss_fn, \
             scheduler
         self.seed, self.precision = seed, precision
@@ -276,6 +276,9 @@ class Trainer:
         self._resume_point = _resume.ResumePoint()
         self._graph_pending = False
         self._max_steps: int | None = None
+        self._plain_forward = precision == "32" and isinstance(  # no DDP/FSDP window context
+            self.accumulator.accumulate(), contextlib.nullcontext)
+        self._plain_windows = False  # set by fit: whether a window end does anything more
 
     @property
     def module(self) -> nn.Module:
@@ -382,19 +385,10 @@ class Trainer:
                 made nan/inf by a nan/inf gradient (found with the bulk loss check, so
                 before any checkpoint is written).
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-        self._max_steps = _recipes.check_max_steps(max_steps)
-        if resume is not None and not isinstance(resume, str | Path):
-            raise TypeError(f"resume must be 'latest', 'best', a checkpoint path or None, got "
-                            f"{type(resume).__name__}")
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError(
-                "the model has no trainable parameters (none has requires_grad=True), so "
-                "fit cannot train it: unfreeze some (tk.unfreeze) or only evaluate/predict"
-            )
+        self._max_steps = check_fit(epochs=epochs, resume=resume, max_steps=max_steps,
+                                    model=self.model)
         if resume is not None:
-            self._restore(resume)
+            _resume.restore(self, resume)
         seed = 0 if self.seed is None else self.seed
         sharded = ddp.shard(train_data, train=True, seed=seed)
         # A DistributedSampler gives every rank the same count per batch: the weights
@@ -402,14 +396,13 @@ class Trainer:
         self.accumulator.global_weights = sharded is train_data
         train_data = sharded
         val_data = val_data if self._sharded else ddp.shard(val_data, train=False, seed=seed)
-        # Only a logger that asks for it (TensorBoardLogger(log_graph=True)): an explicit
-        # logger.log_graph call always writes, so calling it is the decision.
-        self._graph_pending = self.logger is not None and is_main_process() and \
-            bool(getattr(self.logger, "graph_on_fit", False))
+        self._graph_pending = graph_on_fit(self.logger)
+        self._plain_windows = plain_windows(self)
         self._call("on_fit_start")
         try:
             with self._stops.installed(), compile_errors(self._compiled.option):
-                while self.epoch < epochs and not self.should_stop and not self._budget_spent():
+                while self.epoch < epochs and not self.should_stop \
+                        and not _recipes.budget_spent(self):
                     self._run_epoch(train_data, val_data, epochs)
         except _recipes.PlannedStop:
             pass  # TimeLimit or max_steps, at an optimizer-step boundary: already saved
@@ -420,11 +413,7 @@ class Trainer:
             _log.info("stopped early after epoch %d: %s", self.epoch, self.stop_reason)
         if self.checkpoint is not None:
             self.checkpoint.wait()  # an async_save in flight is on disk when fit returns
-        if self.logger is not None and is_main_process() and self.history.records:
-            final = {k: float(v) for k, v in scalars(self.history.records[-1]).items()
-                     if k not in ("epoch", "lr")}
-            self.logger.log_hparams(run_hparams(self, epochs), final)
-            self.logger.flush()
+        log_run(self, epochs)  # hyper-parameters and final metrics, flushed
         self._call("on_fit_end")
         return self.history
 
@@ -447,7 +436,8 @@ class Trainer:
         with ProgressBar(total, desc=f"epoch {self.epoch} ({self.epoch + 1}/{epochs})",
                          enabled=self.progress and is_main_process()) as bar:
             running = self._ledger.running  # bound once, not once per batch
-            for batch in self._batches(train_data, start, bar):
+            ddp.set_epoch(train_data, self.epoch)
+            for batch in self._resume_point.skip(iter(train_data), start, bar):
                 self._train_batch(batch)
                 bar.update(1, running)
             if self.batch_idx == trained == 0:
@@ -478,17 +468,6 @@ class Trainer:
         if self._stops.signum is not None:  # it came during validation: the epoch is saved
             self._stop_on_signal(save=False)
 
-    def _batches(self, train_data: Iterable[Any], start: int, bar: ProgressBar) -> Iterator[Any]:
-        """This epoch's batches; a resumed epoch skips the ``start`` it already trained."""
-        ddp.set_epoch(train_data, self.epoch)
-        iterator = iter(train_data)
-        for _ in range(start):
-            next(iterator)  # consumed before the crash: same order, not trained again
-        if start:
-            bar.update(start)
-        self._resume_point.picked_up()  # and the randomness continues from the save
-        return iterator
-
     def _train_batch(self, batch: Any) -> None:
         # The hot path: every line here runs once per batch, so hooks nobody overrides
         # are skipped and the default step's plain loss tensor takes the short way.
@@ -497,10 +476,14 @@ class Trainer:
             self._call("on_train_batch_start", batch, self.batch_idx)
         batch = to_device(batch, self.device)
         if self._graph_pending:
-            self._log_graph(batch)
+            self._graph_pending = False
+            log_graph(self.logger, self.model, batch)
         accumulator = self.accumulator
-        with accumulator.accumulate(), self._autocast():
+        if self._plain_forward:  # no DDP/FSDP context, no autocast: nothing to enter
             out = self.train_step(batch)
+        else:
+            with accumulator.accumulate(), self._autocast():
+                out = self.train_step(batch)
         if isinstance(out, torch.Tensor):
             loss, size = out, batch_size(batch)
         else:
@@ -508,7 +491,7 @@ class Trainer:
             if self._train_sums is not None:
                 self._train_sums.add(outputs, targets, size)
         if not size:
-            _check_not_empty(batch, self.epoch, self.batch_idx)
+            check_not_empty(batch, self.epoch, self.batch_idx)
         stepped = accumulator.backward(loss, batch_size=size or None)
         self._ledger.add(loss.detach(), size, self.batch_idx, accumulator.num_steps)
         self.batch_idx += 1
@@ -517,63 +500,31 @@ class Trainer:
         if accumulator.micro_step == 0:
             self._end_window(stepped)
 
-    def _log_step(self) -> None:
-        """``log_every_n_steps``: the loss since the last log and the LR (one host read)."""
-        if self.logger is None or not is_main_process():
-            return
-        ledger = self._ledger
-        values = self._step_log.values(ledger.running(), ledger.epoch_count + ledger.window_size,
-                                       lr=self.optimizer.param_groups[0]["lr"])
-        self.logger.log_metrics(values, step=self.global_step)
-
-    def _log_graph(self, batch: Any) -> None:
-        self._graph_pending = False
-        try:
-            inputs = split_batch(batch)[0]
-        except (TypeError, KeyError):
-            return  # a custom batch: the user can call logger.log_graph themselves
-        if self.logger is not None:
-            self.logger.log_graph(self.model, inputs)
-
     def _end_window(self, stepped: bool) -> None:
         """After an optimizer step (or a skipped one): bookkeeping, scheduler, saves, signals."""
-        self._ledger.end_window(stepped, epoch=self.epoch, batch_idx=self.batch_idx - 1,
-                                step=self.global_step)
+        ledger = self._ledger
+        ledger.end_window(stepped, epoch=self.epoch, batch_idx=self.batch_idx - 1,
+                          step=self.accumulator.num_steps)
+        if self._plain_windows:  # (see fit) only the bulk loss check and signals can act
+            if ledger.due():
+                self._sync_stops()
+            if self._stops.ready():
+                self._stop_on_signal()
+            return
         if self._step_log.every and self._step_log.due(self.global_step):
-            self._log_step()
+            self._step_log.log(self)
         # Under DDP at fixed steps, so ranks agree; alone, when a bulk loss check is due.
-        if self.global_step % SYNC_EVERY == 0 if self._world > 1 else self._ledger.due():
+        if self.global_step % SYNC_EVERY == 0 if self._world > 1 else ledger.due():
             self._sync_stops()
         if stepped and self.scheduler is not None:
             self._step_scheduler(None)
-        if self._after_step() and not self._stops.ready():
-            self._planned_stop()
+        if _recipes.stop_planned(self) and not self._stops.ready():
+            _recipes.planned_stop(self)
         every = self.checkpoint_every
         if every and self.global_step % every == 0:
             self._save(None)
         if self._stops.ready():
             self._stop_on_signal()
-
-    def _after_step(self) -> bool:
-        """Call ``on_optimizer_step``; whether a planned stop is due at this step."""
-        stopped = self.should_stop
-        if self._hooks["on_optimizer_step"]:
-            self._call("on_optimizer_step")
-        if self._budget_spent() and not self.should_stop:
-            self.should_stop, self.stop_reason = True, f"max_steps={self._max_steps} reached"
-        return self.should_stop and not stopped
-
-    def _budget_spent(self) -> bool:
-        return self._max_steps is not None and self.global_step >= self._max_steps
-
-    def _planned_stop(self) -> NoReturn:
-        """Save (as a run that can go on when resumed), then end ``fit`` normally."""
-        reason = self.stop_reason
-        if self.checkpoint is not None and _recipes.saves_on_stop(self.callbacks):
-            self.should_stop, self.stop_reason = False, None
-            self._save(None)
-        self.should_stop, self.stop_reason = True, reason
-        raise _recipes.PlannedStop
 
     def _check_losses(self) -> None:
         """Fold the pending losses; raise if one was nan/inf (when checked in bulk)."""
@@ -582,23 +533,8 @@ class Trainer:
             self._sync_stops(weights=True)
 
     def _sync_stops(self, *, weights: bool = False) -> None:
-        """The one cross-rank stop check: should_stop, a signal and a nan loss, shared."""
-        nonfinite = self._ledger.nonfinite()
-        # An inf/nan gradient with a finite loss ruins the weights without a bad loss:
-        # checked here too, with the losses (in bulk, so off the per-step path).
-        # Always at epoch ends and before saves (weights=True); timed checks within budget.
-        weights_bad = not nonfinite and self._ledger.checks_in_bulk and self._weights_guard.bad(
-            self.model, epoch=self.epoch, batch_idx=self.batch_idx - 1, step=self.global_step,
-            force=weights)
-        nonfinite = nonfinite or weights_bad
-        stop_any, nonfinite_any = self._stops.sync(should_stop=self.should_stop,
-                                                   nonfinite=nonfinite, device=self.device)
-        if stop_any and not self.should_stop:
-            self.should_stop, self.stop_reason = True, "another rank decided to stop"
-        if nonfinite_any:
-            if weights_bad:
-                raise self._weights_guard.error()
-            raise self._ledger.error(self.epoch, here=nonfinite)
+        """The one cross-rank stop check (``_stops.sync_stops``): stop, signal, nan loss."""
+        sync_stops(self, weights=weights)
 
     def _validate(self, val_data: Iterable[Any] | None) -> dict[str, Any]:
         """Evaluate ``val_data`` (if given), then call ``on_validation_end``."""
@@ -610,32 +546,12 @@ class Trainer:
         return metrics
 
     def _step_scheduler(self, metrics: Mapping[str, float] | None) -> None:
-        """The scheduler rule, after an optimizer step (``metrics=None``) or an epoch.
-
-        Interval ``"step"`` steps after each optimizer step, ``"epoch"`` after each epoch;
-        ``ReduceLROnPlateau`` steps only after an epoch, with ``scheduler_monitor``.
-        """
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        if metrics is None:
-            if self.scheduler_interval == "step" and not plateau:
-                scheduler.step()
-        elif plateau:
-            if self.scheduler_monitor not in metrics:
-                raise KeyError(
-                    f"ReduceLROnPlateau watches scheduler_monitor={self.scheduler_monitor!r}, "
-                    f"but this epoch's metrics are {sorted(metrics)}; pass val_data or "
-                    "another scheduler_monitor"
-                )
-            scheduler.step(metrics[self.scheduler_monitor])
-        elif self.scheduler_interval == "epoch":
-            scheduler.step()
+        """The scheduler rule (``_scheduler``): after an optimizer step or an epoch."""
+        step_scheduler(self.scheduler, metrics, interval=self.scheduler_interval,
+                       monitor=self.scheduler_monitor)
 
     # -- evaluate and predict -------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, data: Iterable[Any], *, prefix: str = "val") -> dict[str, Any]:
         """Return the sample-weighted mean loss and every metric over ``data``.
 
@@ -662,27 +578,8 @@ class Trainer:
         ``precision()``/``recall()``/``f1()`` cover all ranks too), or synchronise
         themselves (torchmetrics).
         """
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str such as 'val' or 'test', got {prefix!r}")
-        if not prefix:
-            raise ValueError("prefix must be a non-empty str such as 'val' or 'test', got ''")
-        if not self._sharded:  # a sharded model's forward is a collective: all see all
-            data = ddp.shard(data, train=False, seed=0)
-        was_training = self.model.training
-        self.model.eval()
-        sums = EvalSums(self.metrics, self.device)
-        try:
-            with compile_errors(self._compiled.option):
-                for batch in data:
-                    batch = to_device(batch, self.device)
-                    with self._autocast():
-                        out = self.eval_step(batch)
-                    sums.add(*unpack_step(out, batch))
-        finally:
-            self.model.train(was_training)
-        return sums.results(prefix)
+        return _evaluation.evaluate(self, data, prefix)
 
-    @torch.no_grad()
     def predict(self, data: Iterable[Any]) -> torch.Tensor:
         """Return :meth:`predict_step`'s outputs for every batch, concatenated in order.
 
@@ -696,35 +593,12 @@ class Trainer:
             ValueError: If ``data`` yields no batches.
             TypeError: If ``data`` is not a tensor or an iterable of batches.
         """
-        if isinstance(data, torch.Tensor):
-            data = [data]  # one batch: iterating a tensor would make each row a batch
-        elif isinstance(data, str | bytes) or not isinstance(data, Iterable):
-            raise TypeError(f"data must be a DataLoader, an iterable of batches or a tensor, "
-                            f"got {type(data).__name__}")
-        was_training = self.model.training
-        self.model.eval()
-        outputs = []
-        try:
-            for batch in data:
-                with self._autocast(), compile_errors(self._compiled.option):
-                    out = self.predict_step(to_device(batch, self.device))
-                out = out.detach().to("cpu")
-                if out.dtype in (torch.bfloat16, torch.float16) and self.precision != "32":
-                    out = out.float()  # autocast's dtype is not the user's
-                outputs.append(out)
-        finally:
-            self.model.train(was_training)
-        if not outputs:
-            raise ValueError("predict() got no batches: the data is empty")
-        return torch.cat(outputs)
+        return _evaluation.predict(self, data)
 
     # -- helpers ------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "32":
-            return _NOTHING
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.precision, self.device)
 
     def _call(self, hook: str, *args: Any) -> None:
         trainer: TrainerView = self  # mypy checks that hooks get all they may read
@@ -734,28 +608,8 @@ class Trainer:
     # -- checkpoints, resume and signals ---------------------------------------------------
 
     def _save(self, metrics: Mapping[str, float] | None) -> None:
-        if self.checkpoint is None:
-            return
-        self._check_losses()  # never save weights that a nan step has already ruined
-        state = _resume.checkpoint_state(self)
-        self._call("on_checkpoint_save", state)
-        self._resume_point.capture(mid_epoch=self.batch_idx > 0)  # every rank's RNG
-        if is_main_process() or self.checkpoint.uses_dcp(state):  # DCP: every rank writes
-            # One epoch numbering: an end-of-epoch save (with metrics) carries the epoch
-            # just finished, as History["epoch"] does; a mid-epoch one the running epoch.
-            epoch = self.epoch - 1 if metrics is not None else self.epoch
-            self.checkpoint.save(state, step=self.global_step, epoch=epoch, metrics=metrics)
-        barrier()  # no rank goes on (or reads it) before the file is complete
-
-    def _restore(self, resume: str | Path) -> None:
-        state = _recipes.load_order(_resume.checkpoint_state(self))  # groups, then optimizer
-        meta = _resume.load(resume, self.checkpoint, state, self._resume_point)
-        if meta is None:
-            return
-        _log.info("resumed from %s (epoch %d, step %d)", meta["path"], self.epoch,
-                  self.global_step)
-        self._resume_point.restore(batch_idx=self.batch_idx)
-        self._call("on_checkpoint_load", meta)
+        """Checkpoint the full training state (``_resume.save``), on every rank's behalf."""
+        _resume.save(self, metrics)
 
     def _stop_on_signal(self, *, save: bool = True) -> NoReturn:
         signum = self._stops.take()
@@ -770,17 +624,7 @@ class Trainer:
         under their own names (see ``fit``'s checkpoints); ``rng`` holds one RNG record
         per rank, so each continues its own stream after a resume.
         """
-        return {
-            "epoch": self.epoch,
-            "batch_idx": self.batch_idx,
-            "should_stop": self.should_stop,
-            "stop_reason": self.stop_reason,
-            "loss": self._ledger.state_dict(),
-            "rng": self._resume_point.state_dict(),
-            "history": self.history.state_dict(),
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
-            "logger": None if self.logger is None else self.logger.state_dict(),
-        }
+        return _resume.trainer_state(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (or what torchkit 0.1.0 saved).
@@ -788,40 +632,4 @@ class Trainer:
         Raises:
             ValueError: If the number of callbacks differs from the saved run.
         """
-        state_dict = _resume.upgrade_legacy(state_dict)  # what torchkit 0.1.0 saved, too
-        check_keys(state_dict, expected=_STATE_KEYS, owner=type(self).__name__)
-        _resume.load_callbacks(self.callbacks, state_dict["callbacks"])
-        _recipes.restore_groups(self)  # UnfreezeSchedule's groups, before the optimizer loads
-        if self.logger is not None and state_dict["logger"] is not None:
-            self.logger.load_state_dict(state_dict["logger"])
-        self.epoch = state_dict["epoch"]
-        self.batch_idx = state_dict["batch_idx"]
-        self.should_stop = state_dict["should_stop"]
-        self.stop_reason = state_dict["stop_reason"]
-        self._ledger.load_state_dict(state_dict["loss"])
-        self._resume_point.load_state_dict(state_dict["rng"])
-        self.history.load_state_dict(state_dict["history"])
-
-
-def _check_not_empty(batch: Any, epoch: int, batch_idx: int) -> None:
-    """Refuse a batch with 0 samples (its mean loss is nan): say what it is instead."""
-    shape = _first_shape(batch)
-    if shape is None or not shape or shape[0] != 0:
-        return  # a custom batch whose size is unknown
-    raise ValueError(
-        f"batch {batch_idx} of epoch {epoch} has 0 samples (its first tensor has shape "
-        f"{shape}): a 0-sample batch has no mean loss; check the sampler / "
-        "collate_fn, or drop empty batches"
-    )
-
-
-def _first_shape(batch: Any) -> tuple[int, ...] | None:
-    if isinstance(batch, torch.Tensor):
-        return tuple(batch.shape)
-    if not isinstance(batch, Mapping | list | tuple):
-        return None
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-    return None
+        _resume.load_trainer_state(self, state_dict)
