@@ -1,4 +1,10 @@
-"""Exact gradient accumulation: the one place where torchkit steps an optimizer."""
+"""Exact gradient accumulation: the one place where torchkit steps an optimizer.
+
+Over the ~450-line budget on purpose: :class:`GradAccumulator` is one state machine (the
+window, its weights, the DDP/FSDP2 sync, the scaler, the non-finite skip, its state) whose
+step order is the contract; half of the module is its public docstrings. The gradient
+kernels it calls live in ``_grads``.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from torchkit._grads import (
     group_by_device_and_dtype,
     unscale_and_check,
     unscale_once,
+    zero_grad,
 )
 from torchkit._utils import check_keys
 from torchkit.clipping import clip_grad_norm, clip_grad_value
@@ -381,7 +388,7 @@ class GradAccumulator:
             skipped = bool(found_inf)  # the one host read (no sync on the CPU)
             if not skipped:
                 self.optimizer.step()
-        _zero_grad(self.optimizer)
+        zero_grad(self.optimizer)
         if skipped:
             self._skipped += 1
             _log.debug("skipped optimizer step %d: non-finite gradients", self.num_steps)
@@ -529,21 +536,3 @@ class GradAccumulator:
 
 _NOTHING = contextlib.nullcontext()
 
-
-def _zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)``, without its profiler label when unprofiled.
-
-    ``Optimizer.zero_grad`` opens a ``record_function`` range on every call, which costs
-    more than the loop itself on small models; an optimizer that overrides it, or a
-    running profiler, gets the real call.
-    """
-    if type(optimizer).zero_grad is not _BASE_ZERO_GRAD or "zero_grad" in vars(optimizer) \
-            or getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
-        optimizer.zero_grad(set_to_none=True)
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-
-
-_BASE_ZERO_GRAD = torch.optim.Optimizer.zero_grad
