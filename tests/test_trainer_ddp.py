@@ -81,9 +81,12 @@ def _worker(rank, port, out, case):
                 result["exit"] = exit_.code
             result["step"] = trainer.global_step
             history = trainer.history
-        elif case == "resume":
+        elif case in ("resume", "resume_mid_epoch"):
+            # Epochs of 4 optimizer steps: a crash at step 5 resumes from the end of epoch
+            # 0; one at step 7 from the step-6 save, halfway through epoch 1.
             manager = tk.CheckpointManager(out / "ckpt", keep_last=2)
-            crashed = make_trainer(callbacks=[CrashAt(5)], checkpoint=manager,
+            crash = 5 if case == "resume" else 7
+            crashed = make_trainer(callbacks=[CrashAt(crash)], checkpoint=manager,
                                    checkpoint_every=2)
             loader = DataLoader(train, batch_size=8, shuffle=True)
             with contextlib.suppress(RuntimeError):
@@ -94,7 +97,7 @@ def _worker(rank, port, out, case):
             history = resumed.fit(loader, val_loader, epochs=3, resume="latest")
             trainer = resumed
             straight = make_trainer(callbacks=[CrashAt(-1)])
-            straight.fit(loader, val_loader, epochs=3)
+            result["straight_history"] = straight.fit(loader, val_loader, epochs=3).records
             result["straight"] = {k: v.clone() for k, v in straight.module.state_dict().items()}
         else:
             trainer = make_trainer(accumulate=accumulate)
@@ -143,10 +146,16 @@ def test_a_stop_on_one_rank_stops_every_rank(tmp_path):
 
 
 @pytest.mark.distributed
-def test_resume_under_ddp_equals_a_straight_run(tmp_path):
-    results = run(tmp_path, "resume")
+@pytest.mark.parametrize("case", ["resume", "resume_mid_epoch"])
+def test_resume_under_ddp_equals_a_straight_run(tmp_path, case):
+    results = run(tmp_path, case)
     for result in results:
         torch.testing.assert_close(result["params"], result["straight"], rtol=0, atol=0)
+        # The resumed epoch's train_loss counts every rank's batches before the save too.
+        for got, expected in zip(result["history"], result["straight_history"], strict=True):
+            assert got.keys() == expected.keys()
+            for key in expected:
+                assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
     torch.testing.assert_close(results[0]["params"], results[1]["params"], rtol=0, atol=0)
 
 

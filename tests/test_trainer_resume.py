@@ -219,6 +219,7 @@ def test_a_checkpoint_holds_one_rng_record_per_rank(tmp_path):
     trainer = make(tmp_path)
     trainer.fit(loader(), epochs=1)
     state = torch.load(trainer.checkpoint.latest(), weights_only=True)["state"]["trainer"]
-    assert [sorted(r) for r in state["rng"]] == [["epoch_rng", "rng"]]
+    assert [sorted(r) for r in state["rng"]] == [["epoch_rng", "loss", "rng"]]
     assert state["rng"][0]["epoch_rng"] is None  # saved at an epoch's end: nothing to replay
+    assert state["rng"][0]["loss"] is None  # and no partial loss sums of this rank
     assert "epoch_rng" not in state and "rank_rngs" not in state

@@ -74,7 +74,9 @@ def save(trainer: Any, metrics: Mapping[str, float] | None) -> None:
     trainer._check_losses()
     state = checkpoint_state(trainer)
     trainer._call("on_checkpoint_save", state)
-    trainer._resume_point.capture(mid_epoch=trainer.batch_idx > 0)  # every rank's RNG
+    mid_epoch = trainer.batch_idx > 0  # every rank's RNG, and its own loss sums so far
+    trainer._resume_point.capture(mid_epoch=mid_epoch, loss=trainer._ledger.state_dict()
+                                  if mid_epoch else None)
     if is_main_process() or checkpoint.uses_dcp(state):  # DCP: every rank writes
         epoch = trainer.epoch - 1 if metrics is not None else trainer.epoch
         checkpoint.save(state, step=trainer.global_step, epoch=epoch, metrics=metrics)
@@ -89,7 +91,9 @@ def restore(trainer: Any, resume: str | Path) -> None:
         return
     _log.info("resumed from %s (epoch %d, step %d)", meta["path"], trainer.epoch,
               trainer.global_step)
-    trainer._resume_point.restore(batch_idx=trainer.batch_idx)
+    own_loss = trainer._resume_point.restore(batch_idx=trainer.batch_idx)
+    if own_loss is not None:  # this rank's sums, not rank 0's (what state["loss"] holds)
+        trainer._ledger.load_state_dict(own_loss)
     trainer._call("on_checkpoint_load", meta)
 
 
@@ -174,9 +178,9 @@ class ResumePoint:
         >>> point = ResumePoint()
         >>> point.begin_epoch()  # a fresh epoch: its RNG is recorded, nothing is skipped
         0
-        >>> point.capture(mid_epoch=True)
+        >>> point.capture(mid_epoch=True, loss={"loss": torch.tensor(3.0), "count": 2})
         >>> [sorted(record) for record in point.state_dict()]
-        [['epoch_rng', 'rng']]
+        [['epoch_rng', 'loss', 'rng']]
     """
 
     def __init__(self) -> None:
@@ -211,22 +215,32 @@ class ResumePoint:
             self._pick_up = None
         return batches
 
-    def capture(self, *, mid_epoch: bool) -> None:
-        """Record every rank's RNG before a save (a collective: every rank calls it)."""
-        record = {"rng": get_rng_state(), "epoch_rng": self._epoch_rng if mid_epoch else None}
+    def capture(self, *, mid_epoch: bool, loss: Mapping[str, Any] | None = None) -> None:
+        """Record every rank's RNG (and, mid-epoch, its ``loss`` sums) before a save.
+
+        A collective: every rank calls it. Each rank's own loss sums so far are kept
+        because under DDP each rank has summed only its share of the epoch.
+        """
+        record = {"rng": get_rng_state(), "epoch_rng": self._epoch_rng if mid_epoch else None,
+                  "loss": dict(loss) if mid_epoch and loss is not None else None}
         self._records = ddp.gather(record) or [record]
 
-    def restore(self, *, batch_idx: int) -> None:
-        """After loading: take this rank's record (rank 0's if the world size changed)."""
+    def restore(self, *, batch_idx: int) -> Mapping[str, Any] | None:
+        """After loading: take this rank's record (rank 0's if the world size changed).
+
+        Returns the rank's own loss sums of a mid-epoch save, if the record has them.
+        """
         records = self._records or []
         if not records:
-            return
+            return None
         record = records[get_rank()] if len(records) == get_world_size() else records[0]
         self._epoch_rng = record["epoch_rng"]
         if batch_idx:
             self._pick_up = (batch_idx, record["rng"])
         else:
             set_rng_state(record["rng"])
+        loss: Mapping[str, Any] | None = record.get("loss")
+        return loss
 
     def lacks_rng(self) -> bool:
         """Whether a loaded record has no RNG state at the save (see :func:`upgrade_legacy`)."""
