@@ -7,6 +7,10 @@ torchao backend) as needing torchao. A test needs a package when its file import
 fixtures, of the module-level helpers it calls (transitively), of its docstring
 (doctests) or of a file it reads (a parameter, or a module-level path it uses: an example
 script, a guide page) imports or names the package or one of its words.
+``--leave-out "PATH[::NAME]=REASON"`` (repeatable) also leaves out every test whose id is
+PATH (a test file or folder) or starts with ``PATH::NAME``; one whose PATH does not exist,
+or that matches no test of a file that was collected, is an error (a renamed file or test
+must not silently stay in the list).
 Deselected tests are not skipped: they are left out, and listed with the reason at the
 end of the run, so that "N passed" counts only what ran.
 """
@@ -23,14 +27,36 @@ from typing import Any
 import pytest
 
 _LEFT_OUT: dict[str, list[str]] = {}  # package -> test ids or files left out
+_LEFT_OUT_BY_ID: dict[str, list[str]] = {}  # --leave-out prefix -> test ids left out
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--without PACKAGE[,WORD...]=REASON`` (repeatable)."""
+    """Add ``--without PACKAGE[,WORD...]=REASON`` and ``--leave-out PATH=REASON``."""
     parser.addoption(
         "--without", action="append", default=[], metavar="PACKAGE=REASON",
         help="leave out (deselect) every test that needs PACKAGE, printing REASON",
     )
+    parser.addoption(
+        "--leave-out", action="append", default=[], metavar="PATH[::NAME]=REASON",
+        help="leave out (deselect) the tests of PATH (or those starting PATH::NAME), "
+             "printing REASON",
+    )
+
+
+def _leave_out(config: pytest.Config) -> dict[str, str]:
+    """``{test id prefix: reason}`` from the ``--leave-out`` options."""
+    prefixes = {}
+    for option in config.getoption("leave_out"):
+        prefix, _, reason = option.partition("=")
+        prefixes[prefix.strip().rstrip("/")] = reason.strip() or "left out"
+    return prefixes
+
+
+def _matches(nodeid: str, prefix: str) -> bool:
+    path = nodeid.split("::", 1)[0]
+    if "::" in prefix:
+        return nodeid.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def _without(config: pytest.Config) -> dict[str, tuple[str, list[str]]]:
@@ -133,13 +159,19 @@ def _names(code: types.CodeType) -> set[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the tests whose sources need a missing package."""
+    """Deselect the tests left out by id, and those whose sources need a missing package."""
     packages = _without(config)
-    if not packages:
+    prefixes = _leave_out(config)
+    if not packages and not prefixes:
         return
     patterns = {package: _pattern(package, words) for package, (_, words) in packages.items()}
     kept, dropped = [], []
     for item in items:
+        by_id = [prefix for prefix in prefixes if _matches(item.nodeid, prefix)]
+        if by_id:
+            dropped.append(item)
+            _LEFT_OUT_BY_ID.setdefault(by_id[0], []).append(item.nodeid)
+            continue
         texts = _sources(item)
         needs = [p for p, pattern in patterns.items() if any(pattern.search(t) for t in texts)]
         if needs:
@@ -148,18 +180,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 _LEFT_OUT.setdefault(package, []).append(item.nodeid)
         else:
             kept.append(item)
+    collected = {item.nodeid.split("::", 1)[0] for item in [*kept, *dropped]}
+    stale = [prefix for prefix in prefixes if prefix not in _LEFT_OUT_BY_ID and (
+        not (config.rootpath / prefix.split("::", 1)[0]).exists()
+        or prefix.split("::", 1)[0] in collected)]
+    if stale:
+        raise pytest.UsageError(f"--leave-out matches no test: {', '.join(stale)}")
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """List what was left out, package by package, with the reason."""
+    """List what was left out, with the reason: by id, then package by package."""
     packages = _without(config)
-    if not packages:
-        return
+    prefixes = _leave_out(config)
     write = terminalreporter.write_line
-    terminalreporter.section("left out: tests that need a package this run does not have")
+    if prefixes:
+        terminalreporter.section("left out of this core suite (the main stage runs them)")
+        for prefix, reason in prefixes.items():
+            left_out = _LEFT_OUT_BY_ID.get(prefix, [])
+            write(f"{prefix} ({reason}): {len(left_out)} left out")
+            for name in left_out:
+                write(f"    {name}")
+    if packages:
+        terminalreporter.section("left out: tests that need a package this run does not have")
     for package, (reason, _) in packages.items():
         left_out = _LEFT_OUT.get(package, [])
         write(f"{package} ({reason}): {len(left_out)} left out")

@@ -48,17 +48,69 @@ def test_the_workflow_tests_with_the_readme_commands() -> None:
     assert {install, test} <= set(ci_run_commands())
 
 
-def test_the_workflow_runs_the_torch_versions_of_ci_run() -> None:
+def torch_version_stages() -> list[tuple[str, str]]:
+    """The (torch, torchvision) of each `bash .ci/torch-version` stage that .ci/run runs."""
+    return [(match[1], match[2] or "") for line in ci_run_commands()
+            if (match := re.fullmatch(r"bash \.ci/torch-version (\S+)(?: (\S+))?", line))]
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_ci_run_tests_the_oldest_and_the_newest_torch_and_the_workflow_too() -> None:
+    stages = torch_version_stages()
+    assert stages == [("2.8.0", "0.23.0"), ("2.15.0", "")]
+    # the oldest is pyproject.toml's floor, the newest is newer than constraints.txt's pin
+    floor = re.search(r'"torch>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    oldest, newest = stages[0][0], stages[-1][0]
+    assert version(oldest)[:len(version(floor))] == version(floor)
+    pinned = re.search(r"^torch==([\d.]+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert version(newest) > version(pinned.group(1))
+    # .ci/run installs uv for them before the first one
+    commands = ci_run_commands()
+    assert commands.index('pip install "uv>=0.4"') < commands.index(
+        f"bash .ci/torch-version {oldest} {stages[0][1]}")
     job = load(".github/workflows/ci.yml")["jobs"]["torch-versions"]
     in_workflow = {(entry["torch"], entry["torchvision"])
                    for entry in job["strategy"]["matrix"]["include"]}
-    # Not yet stages of .ci/run (see the comment there): named in it for running by hand.
-    in_ci_run = set(re.findall(r"`bash \.ci/torch-version (\S+) ?(\S*?)`", CI_RUN))
-    assert in_workflow == in_ci_run == {("2.8.0", "0.23.0"), ("2.15.0", "")}
-    assert runs(job) == [
-        "bash .ci/torch-version ${{ matrix.torch }} ${{ matrix.torchvision }}"]
-    floor = re.search(r'"torch>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
-    assert min(in_ci_run, key=lambda v: tuple(map(int, v[0].split("."))))[0].startswith(floor)
+    assert in_workflow == set(stages)
+    assert runs(job) == ['pip install "uv>=0.4"',
+                         "bash .ci/torch-version ${{ matrix.torch }} ${{ matrix.torchvision }}"]
+
+
+def core_leave_out() -> dict[str, str]:
+    """.ci/torch-version's CORE_LEAVE_OUT: {test id prefix: reason}."""
+    text = (ROOT / ".ci" / "torch-version").read_text()
+    block = re.search(r"^CORE_LEAVE_OUT=\(\n(.*?)^\)", text, re.M | re.S).group(1)
+    entries = [re.fullmatch(r'\s*"([^"=]+)=([^"]+)"', line) for line in block.splitlines()]
+    assert all(entries), block
+    return {entry[1]: entry[2] for entry in entries if entry}
+
+
+def test_the_core_suite_keeps_every_test_of_torch_version_dependent_code() -> None:
+    """What the version stages leave out names real tests, says why, and spares the tests
+    of what depends on torch's version."""
+    left_out = core_leave_out()
+    assert left_out
+    for prefix, reason in left_out.items():
+        path = prefix.split("::", 1)[0]
+        assert (ROOT / path).is_file(), prefix
+        assert len(reason) > 20, prefix
+        if "::" in prefix:
+            name = prefix.split("::", 1)[1].split("[", 1)[0]
+            assert f"def {name}(" in (ROOT / path).read_text(), prefix
+    whole_files = {prefix for prefix in left_out if "::" not in prefix}
+    kept = ["tests/test_checkpoint.py", "tests/test_checkpoint_trust.py",
+            "tests/test_checkpoint_manager.py", "tests/test_sharded.py",
+            "tests/test_accumulation.py", "tests/test_trainer.py", "tests/test_trainer_ddp.py",
+            "tests/test_trainer_resume.py", "tests/test_trainer_compile.py",
+            "tests/test_distributed.py", "tests/test_torchrun.py", "tests/test_quantization.py",
+            "tests/test_averaging.py", "tests/test_surgery.py", "tests/test_state.py"]
+    for name in kept:
+        assert (ROOT / name).is_file(), name
+        assert name not in whole_files, name
+    assert not any(prefix.startswith("src/") for prefix in left_out)  # docstring examples
 
 
 def test_the_workflow_checks_are_those_of_ci_run() -> None:
@@ -131,3 +183,36 @@ def test_core_suite_plugin_deselects_and_lists_what_needs_a_missing_package(tmp_
                  "test_param[path0]"):
         assert f"test_mixed.py::{name}" in out, name
     assert "test_free" not in out.split("left out")[-1]
+
+
+def test_core_suite_plugin_leaves_out_by_id_and_refuses_a_stale_entry(tmp_path) -> None:
+    """--leave-out deselects a file or a test by id, lists each with the reason, and a
+    prefix that matches nothing (a renamed file or test) is an error, not a no-op."""
+    (tmp_path / "test_a.py").write_text(
+        "import pytest\n\n"
+        "def test_one():\n    pass\n\n"
+        "@pytest.mark.parametrize('n', [1, 2])\n"
+        "def test_two(n):\n    pass\n\n"
+        "def test_twofold():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("def test_b():\n    pass\n")
+
+    def run(*leave_out: str) -> subprocess.CompletedProcess[str]:
+        options = [arg for entry in leave_out for arg in ("--leave-out", entry)]
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "core_suite", "-p", "no:cacheprovider",
+             *options, "-o", "addopts=", "--rootdir", str(tmp_path), str(tmp_path)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT / ".ci")})
+
+    result = run("test_b.py=slow here", "test_a.py::test_two[=two is enough")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "2 passed, 3 deselected" in out  # test_one and test_twofold ran
+    assert "test_b.py (slow here): 1 left out" in out
+    assert "test_a.py::test_two[ (two is enough): 2 left out" in out
+    for name in ("test_b.py::test_b", "test_a.py::test_two[1]", "test_a.py::test_two[2]"):
+        assert f"    {name}" in out, name
+    for stale in ("test_c.py=renamed", "test_a.py::test_three=renamed"):
+        result = run("test_b.py=slow here", stale)
+        assert result.returncode == 4, result.stdout + result.stderr  # a usage error
+        assert f"--leave-out matches no test: {stale.split('=')[0]}" in result.stderr

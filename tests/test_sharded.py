@@ -81,17 +81,21 @@ def _world(root: str) -> dict:
     root_path = Path(root)
     rank = dist.get_rank()
     counts = {"n": 0}
-    reduce_scatter = dist.reduce_scatter_single
+    # What FSDP2 calls, looked up at call time: reduce_scatter_tensor on torch 2.8,
+    # reduce_scatter_single (which 2.8 does not have) on newer releases.
+    name = ("reduce_scatter_single" if hasattr(dist, "reduce_scatter_single")
+            else "reduce_scatter_tensor")
+    reduce_scatter = getattr(dist, name)
 
     def counted(*args, **kwargs):
         counts["n"] += 1
         return reduce_scatter(*args, **kwargs)
 
-    dist.reduce_scatter_single = counted  # what FSDP2 calls, looked up at call time
+    setattr(dist, name, counted)
     try:
         trainer = fit(root_path / "a", batch=5, world=2)
     finally:
-        dist.reduce_scatter_single = reduce_scatter
+        setattr(dist, name, reduce_scatter)
     out = {"weights": full_state(trainer.model), "history": trainer.history.records,
            "steps": trainer.global_step, "reduce_scatters": counts["n"],
            "ddp": isinstance(trainer.model, nn.parallel.DistributedDataParallel),
@@ -319,3 +323,15 @@ def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(tk.CheckpointError, match="unsafe or corrupt .metadata"):
         manager.load(path, {"model": nn.Linear(3, 2)})
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_dcp_save_leaves_torchs_typed_storage_warning_to_the_user(tmp_path):
+    """torch 2.8's DCP writer calls the deprecated tensor.storage(): torchkit hides that
+    warning (the user cannot act on it) but not torch's once-per-process warning for the
+    user's own storage() calls."""
+    torch.storage._reset_warn_typed_storage_removal()
+    manager = tk.CheckpointManager(tmp_path, format="dcp")
+    path = manager.save({"model": nn.Linear(3, 2)}, step=1)
+    manager.load(path, {"model": nn.Linear(3, 2)})
+    with pytest.warns(UserWarning, match="TypedStorage is deprecated"):
+        torch.zeros(2).storage()

@@ -49,9 +49,22 @@ def reduce_pending(modules: list[Any]) -> None:
     it. Every rank must call it (it is a collective).
     """
     set_gradient_sync(modules, True)
-    groups = [group for module in reversed(modules)
-              for group in module._get_fsdp_state()._fsdp_param_groups]
+    groups = [group for module in reversed(modules) for group in _param_groups(module)]
     for group in groups:
         group.post_backward()
     for group in groups:
         group.finalize_backward()
+
+
+def _param_groups(module: Any) -> list[Any]:
+    """The FSDP parameter groups of one ``fully_shard`` module (private torch state).
+
+    torch 2.8 keeps at most one (``_fsdp_param_group``, None without parameters); newer
+    releases keep a list (``_fsdp_param_groups``).
+    """
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = state._fsdp_param_group
+    return [] if group is None else [group]

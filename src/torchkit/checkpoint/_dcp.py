@@ -111,11 +111,29 @@ def _load_planner() -> Any:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """DCP warns on every single-process call, even one that asked for it (no_dist)."""
+    """Hide DCP's warnings about its own code, which the user can do nothing about.
+
+    DCP warns on every single-process call, even one that asked for it (no_dist); on torch
+    2.8 its file writer calls the deprecated ``tensor.storage()`` (TypedStorage warning,
+    fixed in later torch). torch warns about TypedStorage once per process: whether it
+    has is restored, so the user's own ``storage()`` calls still get that warning.
+    """
+    warner = getattr(torch.storage, "_warn_typed_storage_removal", None)
+    flags: dict[str, Any] = getattr(warner, "__dict__", {})
+    warned = flags.get("has_warned")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled",
                                 category=UserWarning)
-        yield
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated",
+                                category=UserWarning,
+                                module=r"torch\.distributed\.checkpoint\.")
+        try:
+            yield
+        finally:
+            if warned is None:
+                flags.pop("has_warned", None)
+            else:
+                flags["has_warned"] = warned
 
 
 def _is_dcp_error(error: BaseException) -> bool:
