@@ -200,7 +200,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("left out of this core suite (the main stage runs them)")
         for prefix, reason in prefixes.items():
             left_out = _LEFT_OUT_BY_ID.get(prefix, [])
-            write(f"{prefix} ({reason}): {len(left_out)} left out")
+            count = f"{len(left_out)} left out" if left_out else "not collected in this run"
+            write(f"{prefix} ({reason}): {count}")
             for name in left_out:
                 write(f"    {name}")
     if packages:
