@@ -169,9 +169,9 @@ def test_boundary_order_with_a_scaler(monkeypatch):
     real_normalise = accumulation.unscale_and_check
     real_clip = accumulation.clip_grad_norm
 
-    def normalise(*args):
+    def normalise(*args, **kwargs):
         rec.events.append("normalise")
-        return real_normalise(*args)
+        return real_normalise(*args, **kwargs)
 
     def clip(*args, **kwargs):
         rec.events.append("clip")

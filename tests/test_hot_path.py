@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn import functional as F
 
 import torchkit as tk
@@ -31,7 +33,21 @@ class ReadCounter:
         monkeypatch.setattr(torch.Tensor, "item", counted_item)
 
 
-def poisoned_run(opt_factory, *, steps=2, poison=(False, True, False, False), reads=None):
+class FlagReads:
+    """Counts the accumulator's reads of its non-finite flag, and how each was done."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads = 0
+        real = tk.GradAccumulator._read_flag
+
+        def counted(accum: tk.GradAccumulator, found: torch.Tensor) -> bool:
+            self.reads += 1
+            return real(accum, found)
+
+        monkeypatch.setattr(tk.GradAccumulator, "_read_flag", counted)
+
+
+def poisoned_run(opt_factory, *, steps=2, poison=(False, True, False, False)):
     model = make_model()
     opt = opt_factory(model.parameters())
     accum = tk.GradAccumulator(opt, steps)
@@ -69,18 +85,52 @@ FUSED = {
 
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_fused_optimizer_skips_on_the_device_without_a_host_read(name, monkeypatch):
-    reads = ReadCounter(monkeypatch)
+    reads, flag_reads = ReadCounter(monkeypatch), FlagReads(monkeypatch)
     # The first window is clean (fused SGD needs its first step; see the next test).
     model, opt, accum, results, (x, y) = poisoned_run(
-        FUSED[name], poison=(False, False, True, False), reads=reads)
+        FUSED[name], poison=(False, False, True, False))
     monkeypatch.undo()
     # No read at all, except fused SGD's first window (its first step must be known).
-    assert reads.reads == (1 if name == "sgd" else 0)
+    assert flag_reads.reads == (1 if name == "sgd" else 0)
+    assert reads.reads == 0  # (that one read is through the CPU flag's NumPy view)
     assert results == [False, True, False, True]  # the step was issued at each window end
     assert accum.skipped_steps == 1 and accum.num_steps == 2
     assert_same_state(model, opt, *clean_reference(FUSED[name], x, y))
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
     assert accum.state_dict()["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_skip_on_device_false_reads_each_step_and_knows_each_skip(name, monkeypatch):
+    flag_reads = FlagReads(monkeypatch)
+    model = make_model()
+    opt = FUSED[name](model.parameters())
+    accum = tk.GradAccumulator(opt, 2, skip_on_device=False)
+    x, y = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), torch.zeros(4, 3)
+    results, skipped = [], []
+    for bad in (False, False, True, False, False, False):
+        with accum.accumulate():
+            loss = F.mse_loss(model(x), y)
+        results.append(accum.backward(loss * math.nan if bad else loss))
+        skipped.append(accum._skipped)  # booked at once, not on the device
+    monkeypatch.undo()
+    assert flag_reads.reads == 3  # one per window
+    assert results == [False, True, False, False, False, True]
+    assert skipped == [0, 0, 0, 1, 1, 1] and accum._skips_on_device is None
+    reference = make_model()  # only the two clean windows applied
+    reference_opt = FUSED[name](reference.parameters())
+    for _ in range(2):
+        reference_opt.zero_grad()
+        F.mse_loss(reference(x), y).backward()
+        reference_opt.step()
+    assert_same_state(model, opt, reference, reference_opt)
+
+
+@pytest.mark.parametrize("flag", ["skip_nonfinite", "global_weights", "skip_on_device"])
+def test_the_bool_options_refuse_other_values(flag):
+    opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'yes'"):
+        tk.GradAccumulator(opt, 1, **{flag: "yes"})
 
 
 @pytest.mark.parametrize("name", sorted(FUSED))
@@ -91,7 +141,7 @@ def test_fused_optimizer_with_a_skipped_first_step_stays_exact(name):
 
 
 def test_plain_optimizer_reads_the_flag_once_per_optimizer_step(monkeypatch):
-    reads = ReadCounter(monkeypatch)
+    tensor_reads, flag_reads = ReadCounter(monkeypatch), FlagReads(monkeypatch)
     model = make_model()
     accum = tk.GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), 2)
     x = torch.randn(4, 6)
@@ -100,8 +150,46 @@ def test_plain_optimizer_reads_the_flag_once_per_optimizer_step(monkeypatch):
             loss = model(x).square().mean()
         accum.backward(loss)
     monkeypatch.undo()
-    assert reads.reads == 3  # one per window, none per micro-batch
+    assert flag_reads.reads == 3  # one per window, none per micro-batch
+    # On the CPU the flag is read through its NumPy view: no tensor read (no dispatch).
+    assert tensor_reads.reads == 0
     assert accum.skipped_steps == 0
+
+
+def test_without_numpy_the_flag_is_read_as_a_tensor(monkeypatch):
+    def no_numpy(self: torch.Tensor) -> None:
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    factory = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+    model, _, accum, results, (x, y) = poisoned_run(factory)
+    monkeypatch.undo()
+    assert results == [False, False, False, True] and accum.skipped_steps == 1
+    assert accum._found_view is None
+    expected, _ = clean_reference(factory, x, y)
+    for p, q in zip(model.parameters(), expected.parameters()):
+        assert torch.equal(p, q)
+
+
+@settings(max_examples=25, deadline=None)
+@given(poison=st.lists(st.booleans(), min_size=1, max_size=8),
+       fused=st.booleans(), steps=st.sampled_from([1, 2]))
+def test_any_pattern_of_bad_windows_skips_exactly_those(poison, fused, steps):
+    """The reused flag is re-armed after a bad window and stays clear after good ones."""
+    factory = (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=fused))  # noqa: E731
+    micro = [bad for bad in poison for _ in range(steps)]  # a window is bad or clean whole
+    model, opt, accum, results, (x, y) = poisoned_run(factory, steps=steps, poison=micro)
+    expected = make_model()
+    expected_opt = factory(expected.parameters())
+    for bad in poison:
+        if not bad:  # only the clean windows reach the reference
+            expected_opt.zero_grad()
+            F.mse_loss(expected(x), y).backward()
+            expected_opt.step()
+    assert accum.skipped_steps == sum(poison) and accum.num_steps == len(poison)
+    if not fused:  # a fused optimizer skips on the device: backward cannot know
+        assert results[steps - 1::steps] == [not bad for bad in poison]
+    assert_same_state(model, opt, expected, expected_opt)
 
 
 def test_plain_optimizer_still_skips_nonfinite_windows_by_default():

@@ -100,12 +100,14 @@ def unscale_once(scaler: GradScaler | None, optimizer: torch.optim.Optimizer | N
 
 
 def unscale_and_check(grads: list[torch.Tensor], inv_scale: torch.Tensor,
-                      found_inf: torch.Tensor | None = None) -> torch.Tensor:
+                      found_inf: torch.Tensor | None = None, *,
+                      zeroed: bool = False) -> torch.Tensor:
     """Multiply ``grads`` (one device) by ``inv_scale`` in place; return 1.0 if any is nan/inf.
 
     The result is a one-element float32 tensor on the gradients' device (0.0 when all
     are finite), so reading it is up to the caller: nothing here syncs with the host.
-    Pass ``found_inf`` (such a tensor) to have it zeroed and reused instead of allocated.
+    Pass ``found_inf`` (such a tensor) to have it zeroed and reused instead of allocated,
+    and ``zeroed=True`` when the caller knows it already holds 0.0 (saves a kernel).
 
     Example:
         >>> grads = [torch.tensor([2.0, 4.0]), torch.tensor([float("inf")])]
@@ -116,7 +118,7 @@ def unscale_and_check(grads: list[torch.Tensor], inv_scale: torch.Tensor,
     """
     if found_inf is None:
         found_inf = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
-    else:
+    elif not zeroed:
         found_inf.zero_()
     if _FUSED is not None and not any(g.is_sparse for g in grads):
         _FUSED(grads, found_inf, inv_scale)

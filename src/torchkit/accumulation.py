@@ -83,7 +83,8 @@ class GradAccumulator:
     * a fused optimizer (``fused=True``: SGD, Adam, AdamW, ...) gets the flag on the
       device, the way a GradScaler hands it over, and skips the update itself: no host
       read at all. ``backward`` then returns ``True`` at every window end (the step was
-      issued) and :attr:`skipped_steps` reads the device-side count when you ask for it.
+      issued) and :attr:`skipped_steps` reads the device-side count when you ask for it
+      (``skip_on_device=False`` reads the flag at each step instead, as below).
     * any other optimizer: one host read of a one-element flag per optimizer step. On
       the CPU that is no synchronisation (about a microsecond); on a GPU it waits for the
       queued backward to finish, once per optimizer step. A GradScaler reads its own
@@ -107,6 +108,11 @@ class GradAccumulator:
             clipping when both are given: value first, then norm).
         skip_nonfinite: Skip (and count) steps with nan/inf gradients when no enabled
             scaler does so already.
+        skip_on_device: With a fused optimizer, hand it the non-finite flag on the
+            device so that it skips the update itself (no host read, see above).
+            ``False`` reads the flag at every optimizer step instead, like any other
+            optimizer, so that :meth:`backward`'s result and :attr:`skipped_steps` are
+            exact at once, at the price of one host read (a GPU sync) per step.
         global_weights: Under DDP with ``batch_size`` given, sum the micro-batch weights
             over all ranks (one small all-reduce per optimizer step), so ranks that see
             different sample counts still give the exact global gradient. Turn it off
@@ -120,7 +126,8 @@ class GradAccumulator:
             (a tensor, only with ``max_norm``), for logging without a host read.
 
     Raises:
-        TypeError: If ``optimizer``, ``model`` or ``scaler`` has the wrong type.
+        TypeError: If ``optimizer``, ``model`` or ``scaler`` has the wrong type, or
+            ``skip_nonfinite``, ``global_weights`` or ``skip_on_device`` is not a bool.
         ValueError: If ``steps``, ``max_norm``, ``norm_type`` or ``clip_value`` is out
             of range.
 
@@ -156,8 +163,13 @@ class GradAccumulator:
         skip_nonfinite: bool = True,
         global_weights: bool = True,
         clip_value: float | None = None,
+        skip_on_device: bool = True,
     ) -> None:
         errors = []
+        for name, flag in (("skip_nonfinite", skip_nonfinite), ("global_weights", global_weights),
+                           ("skip_on_device", skip_on_device)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
         if model is not None and not isinstance(model, nn.Module):
@@ -196,12 +208,12 @@ class GradAccumulator:
         self._weighted: bool | None = None  # whether this window's micro-batches gave sizes
         self._forward_unsynced = False  # the latest forward ran under DDP no_sync
         self._window_unsynced = False  # the latest backward was not all-reduced
-        self._inverse_cache: dict[tuple[str, int | None, float], torch.Tensor] = {}
+        self._inverse_cache: dict[tuple[torch.device, float], torch.Tensor] = {}
         self._found_inf: torch.Tensor | None = None  # reused flag buffer (one device)
+        self._found_view: Any = None  # a NumPy view of a CPU flag: read without a dispatch
+        self._found_zero = False  # the flag buffer is known to hold 0.0 (it was read so)
         self._skips_on_device: torch.Tensor | None = None  # fused path: read when asked
-        # Whether a fused optimizer may skip on the device (then backward cannot know);
-        # Trainer(nonfinite="skip") turns it off, as it books each skip as it happens.
-        self._skip_on_device = True
+        self.skip_on_device = skip_on_device  # Trainer(nonfinite="skip") books each skip
 
     @property
     def skipped_steps(self) -> int:
@@ -377,7 +389,7 @@ class GradAccumulator:
         skipped = False
         if self.scaler is not None and scaler_enabled:
             # The scaler reads its own found_inf in step(), so this read adds no sync.
-            skipped = found_inf is not None and bool(found_inf)
+            skipped = found_inf is not None and self._read_flag(found_inf)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif not check or found_inf is None:
@@ -385,7 +397,7 @@ class GradAccumulator:
         elif self._can_skip_on_device():
             self._step_on_device(found_inf)  # the fused kernel skips: no host read
         else:
-            skipped = bool(found_inf)  # the one host read (no sync on the CPU)
+            skipped = self._read_flag(found_inf)  # the one host read (no sync on the CPU)
             if not skipped:
                 self.optimizer.step()
         zero_grad(self.optimizer)
@@ -399,7 +411,7 @@ class GradAccumulator:
 
     def _can_skip_on_device(self) -> bool:
         opt = self.optimizer
-        if not (self._skip_on_device and getattr(opt, "_step_supports_amp_scaling", False)):
+        if not (self.skip_on_device and getattr(opt, "_step_supports_amp_scaling", False)):
             return False
         # torch's fused SGD leaves its momentum buffers uninitialised (torch.empty) when its
         # very first step is skipped: read the flag until it has taken a step.
@@ -439,8 +451,11 @@ class GradAccumulator:
                 # The fused kernel takes a float32 scale: divide float64 exactly instead.
                 torch._foreach_div_(group, divisor)
                 inv_divisor = 1.0
-            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device),
-                                  self._flag_buffer(group[0].device))
+            buf = self._flag_buffer(group[0].device)
+            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device), buf,
+                                  zeroed=buf is not None and self._found_zero)
+            if buf is not None:
+                self._found_zero = False  # until it is read as 0.0 again
             found = f if found is None else torch.maximum(found, f.to(found.device))
         if self._fsdp and found is not None and dist.get_world_size() > 1:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)  # a shard's nan/inf: all ranks skip
@@ -453,13 +468,32 @@ class GradAccumulator:
             if buf is not None:
                 return None  # gradients on several devices: let each group allocate
             buf = self._found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+            self._found_zero = True
+            if device.type == "cpu":
+                try:  # shares the buffer's memory; NumPy is optional
+                    self._found_view = buf.numpy()
+                except (ImportError, RuntimeError):  # no NumPy: read it as a tensor
+                    self._found_view = None
         return buf
+
+    def _read_flag(self, found: torch.Tensor) -> bool:
+        """Whether ``found`` (from :meth:`_normalise`) says nan/inf: the one host read.
+
+        The reusable CPU flag is read through its NumPy view, which costs no tensor
+        dispatch; one read as 0.0 needs no zeroing kernel before its next use.
+        """
+        if found is not self._found_inf:
+            return bool(found)
+        view = self._found_view
+        nonfinite = bool(view[0]) if view is not None else bool(found)
+        self._found_zero = not nonfinite
+        return nonfinite
 
     def _inverse(self, divisor: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         if isinstance(divisor, torch.Tensor):
             return (1.0 / divisor).to(device=device, dtype=torch.float32)
         # A window's divisor takes few distinct values: keep their tensors, not remake them.
-        key = (device.type, device.index, divisor)
+        key = (device, divisor)
         inv = self._inverse_cache.get(key)
         if inv is None:
             if len(self._inverse_cache) > 64:

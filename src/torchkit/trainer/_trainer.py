@@ -252,8 +252,9 @@ class Trainer:
         self.accumulator = GradAccumulator(optimizer, accumulate, model=self.model,
                                            scaler=self.scaler, max_norm=max_grad_norm,
                                            skip_nonfinite=nonfinite == "skip",
-                                           clip_value=clip_value)
-        self.accumulator._skip_on_device = False  # the "skip" ledger books each skip now
+                                           clip_value=clip_value,
+                                           # the "skip" ledger books each skip as it happens
+                                           skip_on_device=False)
         self._compiled = CompiledModels(self.model, compile)  # after DDP and accumulator
         self.model = self._compiled.train
         self.metrics = named_metrics(metrics)
