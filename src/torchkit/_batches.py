@@ -15,17 +15,17 @@ _TARGET_KEYS = ("targets", "target", "y", "labels", "label")
 
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor in a (nested) batch to ``device``, without blocking where it can."""
-    if isinstance(batch, torch.Tensor):
+    kind = type(batch)
+    if kind is tuple or kind is list:  # first: the common case, per batch
+        for t in batch:
+            if not isinstance(t, torch.Tensor) or t.device != device:
+                break
+        else:
+            return batch  # already in place: no copy of the container
+    elif isinstance(batch, torch.Tensor):
         if batch.device == device:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
-    if type(batch) in (list, tuple):
-        on_cpu = device.type == "cpu"
-        for t in batch:
-            if not isinstance(t, torch.Tensor) or not (t.is_cpu if on_cpu else t.device == device):
-                break
-        else:
-            return batch  # the common case, already in place: no copy of the container
     if isinstance(batch, Mapping):
         return type(batch)({k: to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
@@ -72,10 +72,12 @@ def batch_inputs(batch: Any) -> Any:
 
 def batch_size(batch: Any) -> int:
     """Return the number of samples: the first dimension of the first tensor found."""
+    kind = type(batch)
+    if (kind is tuple or kind is list) and batch and isinstance(batch[0], torch.Tensor):
+        first = batch[0]  # first: the common case, per batch
+        return first.shape[0] if first.ndim else 1
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.ndim else 1
-    if type(batch) in (list, tuple) and batch and isinstance(batch[0], torch.Tensor):
-        return int(batch[0].shape[0]) if batch[0].ndim else 1
     values = batch.values() if isinstance(batch, Mapping) else batch
     if isinstance(values, list | tuple) or isinstance(batch, Mapping):
         for value in values:
