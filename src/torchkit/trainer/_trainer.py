@@ -473,8 +473,8 @@ class Trainer:
         # The hot path: every line here runs once per batch, so hooks nobody overrides
         # are skipped and the default step's plain loss tensor takes the short way.
         hooks = self._hooks
-        if hooks["on_train_batch_start"]:
-            self._call("on_train_batch_start", batch, self.batch_idx)
+        for callback in hooks["on_train_batch_start"]:  # (not _call: one frame less)
+            callback.on_train_batch_start(self, batch, self.batch_idx)
         batch = to_device(batch, self.device)
         if self._graph_pending:
             self._graph_pending = False
@@ -496,8 +496,8 @@ class Trainer:
         stepped = accumulator.backward(loss, batch_size=size or None)
         self._ledger.add(loss.detach(), size, self.batch_idx, accumulator.num_steps)
         self.batch_idx += 1
-        if hooks["on_train_batch_end"]:
-            self._call("on_train_batch_end", batch, self.batch_idx - 1)
+        for callback in hooks["on_train_batch_end"]:
+            callback.on_train_batch_end(self, batch, self.batch_idx - 1)
         if accumulator.micro_step == 0:
             self._end_window(stepped)
 
