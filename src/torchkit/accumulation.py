@@ -452,10 +452,11 @@ class GradAccumulator:
                 torch._foreach_div_(group, divisor)
                 inv_divisor = 1.0
             buf = self._flag_buffer(group[0].device)
-            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device), buf,
-                                  zeroed=buf is not None and self._found_zero)
+            zeroed = buf is not None and self._found_zero
             if buf is not None:
-                self._found_zero = False  # until it is read as 0.0 again
+                self._found_zero = False  # until it is read as 0.0 again (also on an error)
+            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device), buf,
+                                  zeroed=zeroed)
             found = f if found is None else torch.maximum(found, f.to(found.device))
         if self._fsdp and found is not None and dist.get_world_size() > 1:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)  # a shard's nan/inf: all ranks skip
