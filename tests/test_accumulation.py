@@ -164,9 +164,10 @@ def test_boundary_order_with_a_scaler(monkeypatch):
             rec.events.append(f"zero_grad(set_to_none={set_to_none})")
             return super().zero_grad(set_to_none)
 
+    import torchkit._grads as grads
     import torchkit.accumulation as accumulation
 
-    real_normalise = accumulation.unscale_and_check
+    real_normalise = grads.unscale_and_check
     real_clip = accumulation.clip_grad_norm
 
     def normalise(*args, **kwargs):
@@ -177,7 +178,7 @@ def test_boundary_order_with_a_scaler(monkeypatch):
         rec.events.append("clip")
         return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(accumulation, "unscale_and_check", normalise)
+    monkeypatch.setattr(grads, "unscale_and_check", normalise)  # NonFiniteFlag.check's
     monkeypatch.setattr(accumulation, "clip_grad_norm", clip)
     model = make_model()
     accum = tk.GradAccumulator(

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import torchkit as tk
 from tests.conftest import make_model
+from torchkit._grads import NonFiniteFlag
 
 
 class ReadCounter:
@@ -34,17 +35,17 @@ class ReadCounter:
 
 
 class FlagReads:
-    """Counts the accumulator's reads of its non-finite flag, and how each was done."""
+    """Counts host reads of the accumulator's non-finite flag, whichever way each is done."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads = 0
-        real = tk.GradAccumulator._read_flag
+        real = NonFiniteFlag.read
 
-        def counted(accum: tk.GradAccumulator, found: torch.Tensor) -> bool:
+        def counted(flag: NonFiniteFlag, found: torch.Tensor) -> bool:
             self.reads += 1
-            return real(accum, found)
+            return real(flag, found)
 
-        monkeypatch.setattr(tk.GradAccumulator, "_read_flag", counted)
+        monkeypatch.setattr(NonFiniteFlag, "read", counted)
 
 
 def poisoned_run(opt_factory, *, steps=2, poison=(False, True, False, False)):
@@ -102,7 +103,7 @@ def test_fused_optimizer_skips_on_the_device_without_a_host_read(name, monkeypat
 
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_skip_on_device_false_reads_each_step_and_knows_each_skip(name, monkeypatch):
-    flag_reads = FlagReads(monkeypatch)
+    flag_reads, tensor_reads = FlagReads(monkeypatch), ReadCounter(monkeypatch)
     model = make_model()
     opt = FUSED[name](model.parameters())
     accum = tk.GradAccumulator(opt, 2, skip_on_device=False)
@@ -112,11 +113,13 @@ def test_skip_on_device_false_reads_each_step_and_knows_each_skip(name, monkeypa
         with accum.accumulate():
             loss = F.mse_loss(model(x), y)
         results.append(accum.backward(loss * math.nan if bad else loss))
-        skipped.append(accum._skipped)  # booked at once, not on the device
+        skipped.append(accum.skipped_steps)
     monkeypatch.undo()
-    assert flag_reads.reads == 3  # one per window
+    assert flag_reads.reads == 3  # one per window, through the CPU flag's NumPy view
+    # Each skip was booked at its step: reading skipped_steps had no device count to read.
+    assert tensor_reads.reads == 0
     assert results == [False, True, False, False, False, True]
-    assert skipped == [0, 0, 0, 1, 1, 1] and accum._skips_on_device is None
+    assert skipped == [0, 0, 0, 1, 1, 1]
     reference = make_model()  # only the two clean windows applied
     reference_opt = FUSED[name](reference.parameters())
     for _ in range(2):
@@ -161,11 +164,12 @@ def test_without_numpy_the_flag_is_read_as_a_tensor(monkeypatch):
         raise RuntimeError("Numpy is not available")
 
     monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    tensor_reads = ReadCounter(monkeypatch)
     factory = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
     model, _, accum, results, (x, y) = poisoned_run(factory)
     monkeypatch.undo()
+    assert tensor_reads.reads == 2  # each window's flag, read as a tensor
     assert results == [False, False, False, True] and accum.skipped_steps == 1
-    assert accum._found_view is None
     expected, _ = clean_reference(factory, x, y)
     for p, q in zip(model.parameters(), expected.parameters()):
         assert torch.equal(p, q)
@@ -263,3 +267,33 @@ def test_trainer_skip_policy_books_each_skip_with_a_fused_optimizer():
     history = trainer.fit(data, epochs=1)
     assert trainer.accumulator.skipped_steps == 1
     assert math.isfinite(history["train_loss"][-1])
+
+
+def test_the_flag_is_zeroed_again_after_anything_but_a_clean_read(monkeypatch):
+    import torchkit._grads as grads
+
+    flag, one = NonFiniteFlag(), torch.ones(1)
+    clean, bad = [torch.ones(3)], [torch.tensor([1.0, math.inf])]
+    assert flag.read(flag.check(bad, one)) is True  # a read of 1.0
+    assert flag.read(flag.check(clean, one)) is False
+    flag.check(bad, one)  # not read (a fused optimizer's step reads it on the device)
+    assert flag.read(flag.check(clean, one)) is False
+    real = grads._FUSED
+
+    def fails_half_way(g: list[torch.Tensor], found: torch.Tensor, inv: torch.Tensor) -> None:
+        found.fill_(1.0)
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(grads, "_FUSED", fails_half_way)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        flag.check(clean, one)  # right after a clean read: the flag was known to be zero
+    monkeypatch.setattr(grads, "_FUSED", real)
+    assert flag.read(flag.check(clean, one)) is False
+
+
+def test_the_flag_gives_another_device_a_fresh_buffer():
+    flag, one = NonFiniteFlag(), torch.ones(1)
+    first = flag.check([torch.ones(2)], one)
+    other = flag.check([torch.ones(2, device="meta")], torch.ones(1, device="meta"))
+    assert other.device.type == "meta" and other is not first
+    assert flag.read(flag.check([torch.ones(2)], one)) is False

@@ -10,6 +10,7 @@ import torch
 from torch.amp import GradScaler
 
 __all__ = [
+    "NonFiniteFlag",
     "check_norm_type",
     "group_by_device",
     "group_by_device_and_dtype",
@@ -128,6 +129,61 @@ def unscale_and_check(grads: list[torch.Tensor], inv_scale: torch.Tensor,
         values = g.coalesce().values() if g.is_sparse else g
         found_inf += (~torch.isfinite(values)).any().float()
     return found_inf.clamp_(max=1.0)
+
+
+class NonFiniteFlag:
+    """A reusable nan/inf flag for :func:`unscale_and_check`, read cheaply on the host.
+
+    One one-element float32 buffer on the first gradients' device, so a step allocates
+    nothing. A CPU buffer is read through a NumPy view of its memory (no tensor dispatch),
+    and after a read of 0.0 it is known to hold 0.0, so the next check skips its
+    ``zero_()`` kernel. Anything else (a read of 1.0, an unread check, an error inside the
+    kernel) makes the next check zero it again. Gradients on another device get a fresh
+    flag each time.
+
+    Example:
+        >>> flag = NonFiniteFlag()
+        >>> found = flag.check([torch.tensor([2.0, float("nan")])], torch.tensor([0.5]))
+        >>> flag.read(found)
+        True
+        >>> flag.read(flag.check([torch.tensor([1.0])], torch.tensor([1.0])))
+        False
+    """
+
+    __slots__ = ("_buffer", "_view", "_zero")
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._view: Any = None  # a NumPy view of a CPU buffer
+        self._zero = False  # the buffer is known to hold 0.0 (it was read so)
+
+    def check(self, grads: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
+        """:func:`unscale_and_check` ``grads`` (one device) into the reused buffer."""
+        buf = self._buffer
+        if buf is None:
+            buf = self._buffer = torch.zeros(1, dtype=torch.float32, device=grads[0].device)
+            self._zero = True
+            if buf.device.type == "cpu":
+                try:  # shares the buffer's memory; NumPy is optional
+                    self._view = buf.numpy()
+                except (ImportError, RuntimeError):  # no NumPy: read it as a tensor
+                    self._view = None
+        elif buf.device != grads[0].device:
+            return unscale_and_check(grads, inv_scale)  # several devices: the others allocate
+        zeroed, self._zero = self._zero, False  # until it is read as 0.0 again
+        return unscale_and_check(grads, inv_scale, buf, zeroed=zeroed)
+
+    def read(self, found: torch.Tensor) -> bool:
+        """Whether ``found`` (from :meth:`check`, or combined from several) says nan/inf.
+
+        The one host read: a device sync for an accelerator's flag, none on the CPU.
+        """
+        if found is not self._buffer:
+            return bool(found)
+        view = self._view
+        nonfinite = bool(view[0]) if view is not None else bool(found)
+        self._zero = not nonfinite
+        return nonfinite
 
 
 def zero_grad(optimizer: torch.optim.Optimizer) -> None:

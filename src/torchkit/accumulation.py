@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torchkit import _fsdp
 from torchkit._grads import (
+    NonFiniteFlag,
     check_norm_type,
     group_by_device,
     group_by_device_and_dtype,
-    unscale_and_check,
     unscale_once,
     zero_grad,
 )
@@ -209,9 +209,7 @@ class GradAccumulator:
         self._forward_unsynced = False  # the latest forward ran under DDP no_sync
         self._window_unsynced = False  # the latest backward was not all-reduced
         self._inverse_cache: dict[tuple[torch.device, float], torch.Tensor] = {}
-        self._found_inf: torch.Tensor | None = None  # reused flag buffer (one device)
-        self._found_view: Any = None  # a NumPy view of a CPU flag: read without a dispatch
-        self._found_zero = False  # the flag buffer is known to hold 0.0 (it was read so)
+        self._flag = NonFiniteFlag()  # the reused nan/inf flag and its cheap host read
         self._skips_on_device: torch.Tensor | None = None  # fused path: read when asked
         self.skip_on_device = skip_on_device  # Trainer(nonfinite="skip") books each skip
 
@@ -389,7 +387,7 @@ class GradAccumulator:
         skipped = False
         if self.scaler is not None and scaler_enabled:
             # The scaler reads its own found_inf in step(), so this read adds no sync.
-            skipped = found_inf is not None and self._read_flag(found_inf)
+            skipped = found_inf is not None and self._flag.read(found_inf)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif not check or found_inf is None:
@@ -397,7 +395,7 @@ class GradAccumulator:
         elif self._can_skip_on_device():
             self._step_on_device(found_inf)  # the fused kernel skips: no host read
         else:
-            skipped = self._read_flag(found_inf)  # the one host read (no sync on the CPU)
+            skipped = self._flag.read(found_inf)  # the one host read (no sync on the CPU)
             if not skipped:
                 self.optimizer.step()
         zero_grad(self.optimizer)
@@ -451,44 +449,11 @@ class GradAccumulator:
                 # The fused kernel takes a float32 scale: divide float64 exactly instead.
                 torch._foreach_div_(group, divisor)
                 inv_divisor = 1.0
-            buf = self._flag_buffer(group[0].device)
-            zeroed = buf is not None and self._found_zero
-            if buf is not None:
-                self._found_zero = False  # until it is read as 0.0 again (also on an error)
-            f = unscale_and_check(group, self._inverse(inv_divisor, group[0].device), buf,
-                                  zeroed=zeroed)
+            f = self._flag.check(group, self._inverse(inv_divisor, group[0].device))
             found = f if found is None else torch.maximum(found, f.to(found.device))
         if self._fsdp and found is not None and dist.get_world_size() > 1:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)  # a shard's nan/inf: all ranks skip
         return found
-
-    def _flag_buffer(self, device: torch.device) -> torch.Tensor | None:
-        """A reusable one-element flag on ``device`` (saves an allocation per step)."""
-        buf = self._found_inf
-        if buf is None or buf.device != device:
-            if buf is not None:
-                return None  # gradients on several devices: let each group allocate
-            buf = self._found_inf = torch.zeros(1, dtype=torch.float32, device=device)
-            self._found_zero = True
-            if device.type == "cpu":
-                try:  # shares the buffer's memory; NumPy is optional
-                    self._found_view = buf.numpy()
-                except (ImportError, RuntimeError):  # no NumPy: read it as a tensor
-                    self._found_view = None
-        return buf
-
-    def _read_flag(self, found: torch.Tensor) -> bool:
-        """Whether ``found`` (from :meth:`_normalise`) says nan/inf: the one host read.
-
-        The reusable CPU flag is read through its NumPy view, which costs no tensor
-        dispatch; one read as 0.0 needs no zeroing kernel before its next use.
-        """
-        if found is not self._found_inf:
-            return bool(found)
-        view = self._found_view
-        nonfinite = bool(view[0]) if view is not None else bool(found)
-        self._found_zero = not nonfinite
-        return nonfinite
 
     def _inverse(self, divisor: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         if isinstance(divisor, torch.Tensor):
