@@ -472,9 +472,10 @@ class Trainer:
     def _train_batch(self, batch: Any) -> None:
         # The hot path: every line here runs once per batch, so hooks nobody overrides
         # are skipped and the default step's plain loss tensor takes the short way.
-        hooks = self._hooks
-        for callback in hooks["on_train_batch_start"]:  # (not _call: one frame less)
-            callback.on_train_batch_start(self, batch, self.batch_idx)
+        hooks = self._hooks  # called here, not through _call: one frame less per hook
+        trainer: TrainerView = self  # as in _call: mypy checks what hooks may read
+        for callback in hooks["on_train_batch_start"]:
+            callback.on_train_batch_start(trainer, batch, self.batch_idx)
         batch = to_device(batch, self.device)
         if self._graph_pending:
             self._graph_pending = False
@@ -497,7 +498,7 @@ class Trainer:
         self._ledger.add(loss.detach(), size, self.batch_idx, accumulator.num_steps)
         self.batch_idx += 1
         for callback in hooks["on_train_batch_end"]:
-            callback.on_train_batch_end(self, batch, self.batch_idx - 1)
+            callback.on_train_batch_end(trainer, batch, self.batch_idx - 1)
         if accumulator.micro_step == 0:
             self._end_window(stepped)
 
