@@ -46,6 +46,21 @@ class SigtermOnRankOne(tk.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class RankOneClock(tk.TimeLimit):
+    """A TimeLimit whose clock passes the limit at optimizer step 10 on rank 1 only."""
+
+    def __init__(self):
+        super().__init__(100.0)
+        self.step = 0
+
+    def on_optimizer_step(self, trainer):
+        self.step = trainer.global_step
+        super().on_optimizer_step(trainer)
+
+    def elapsed_s(self):
+        return 1000.0 if dist.get_rank() == 1 and self.step >= 10 else 0.0
+
+
 class CrashAt(tk.Callback):
     def __init__(self, step):
         self.step = step
@@ -72,6 +87,15 @@ def _worker(rank, port, out, case):
             trainer = make_trainer(callbacks=[tk.EarlyStopping(patience=1)])
             trainer.optimizer.param_groups[0]["lr"] = 8.0  # diverges: val_loss gets worse
             history = trainer.fit(loader, val_loader, epochs=30)
+        elif case == "timelimit":
+            # 128 optimizer steps an epoch: the ranks' first shared check is at step 64.
+            manager = tk.CheckpointManager(out / f"ckpt{rank}")
+            trainer = make_trainer(callbacks=[RankOneClock()], checkpoint=manager)
+            x = torch.randn(256, 6, generator=torch.Generator().manual_seed(4))
+            long = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=1)
+            history = trainer.fit(long, epochs=3)  # returns: a planned stop, no exception
+            result.update(step=trainer.global_step, epoch=trainer.epoch,
+                          batch_idx=trainer.batch_idx, reason=trainer.stop_reason)
         elif case == "sigterm":
             manager = tk.CheckpointManager(out / f"ckpt{rank}")
             trainer = make_trainer(callbacks=[SigtermOnRankOne()], checkpoint=manager)
@@ -174,3 +198,18 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):
     assert list((tmp_path / "ckpt0").glob("checkpoint-*.pt"))  # rank 0 saved, then stopped
     assert not list((tmp_path / "ckpt1").glob("checkpoint-*.pt"))  # and only rank 0
 
+
+
+@pytest.mark.distributed
+def test_a_time_limit_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Rank 1's clock runs out at step 10: both ranks stop, save and return at step 64,
+    the first cross-rank check after it, instead of rank 1 saving alone (a hang)."""
+    results = run(tmp_path, "timelimit")
+    assert [(r["step"], r["epoch"], r["batch_idx"]) for r in results] == [(64, 0, 64)] * 2
+    assert results[1]["reason"].startswith("time limit of 100 s reached")
+    assert results[0]["reason"] == "another rank decided to stop"
+    assert [r["history"] for r in results] == [[], []]  # mid-epoch: no epoch completed
+    saved = list((tmp_path / "ckpt0").glob("checkpoint-*.pt"))
+    assert [path.name for path in saved] == ["checkpoint-000000064.pt"]  # the planned save
+    assert torch.load(saved[0], weights_only=False)["state"]["trainer"]["batch_idx"] == 64
+    torch.testing.assert_close(results[0]["params"], results[1]["params"], rtol=0, atol=0)

@@ -169,7 +169,9 @@ class TimeLimit(Callback):
     ``stop_reason`` and ``fit`` returns normally (SIGTERM instead raises ``SystemExit``).
     The elapsed time is part of the callback's state, so a resumed run counts on from
     where the saved one was instead of restarting the clock; one that resumes past the
-    limit returns at once.
+    limit returns at once. Under DDP every rank reads its own clock: the stop comes at
+    the trainer's first cross-rank check (every 64 optimizer steps, and at the epoch's
+    end) after any rank's clock passes ``duration``, on every rank at the same step.
 
     Args:
         duration: Seconds, a :class:`datetime.timedelta`, or ``"HH:MM:SS"``.

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from torchkit.callbacks import TimeLimit, UnfreezeSchedule
 
 __all__ = ["PlannedStop", "averaged_weights", "budget_spent", "check_max_steps", "load_order",
-           "planned_stop", "restore_groups", "saves_on_stop", "stop_planned"]
+           "plan_stop", "planned_stop", "restore_groups", "saves_on_stop"]
 
 
 class PlannedStop(Exception):
@@ -36,23 +36,28 @@ def budget_spent(trainer: Any) -> bool:
     return trainer._max_steps is not None and trainer.global_step >= trainer._max_steps
 
 
-def stop_planned(trainer: Any) -> bool:
-    """After an optimizer step: call ``on_optimizer_step``; whether a planned stop is due.
+def plan_stop(trainer: Any) -> None:
+    """After an optimizer step: call ``on_optimizer_step``; record a planned stop it set.
 
-    Due when that hook set ``should_stop`` (``TimeLimit``) or ``max_steps`` is reached.
+    One is planned when that hook set ``should_stop`` (``TimeLimit``) or ``max_steps`` is
+    reached. The trainer makes it once every rank knows of it (``StopSignals.plan``).
     """
     stopped = trainer.should_stop
     if trainer._hooks["on_optimizer_step"]:
         trainer._call("on_optimizer_step")
-    if budget_spent(trainer) and not trainer.should_stop:
-        trainer.should_stop = True
-        trainer.stop_reason = f"max_steps={trainer._max_steps} reached"
-    return bool(trainer.should_stop and not stopped)
+    if budget_spent(trainer):  # the same step on every rank
+        if not trainer.should_stop:
+            trainer.should_stop = True
+            trainer.stop_reason = f"max_steps={trainer._max_steps} reached"
+        trainer._stops.plan(shared=True)
+    elif trainer.should_stop and not stopped:
+        trainer._stops.plan(shared=False)  # this rank's clock: shared at the next sync
 
 
 def planned_stop(trainer: Any) -> NoReturn:
     """Save (as a run that can go on when resumed), then end ``fit`` normally."""
     reason = trainer.stop_reason
+    trainer._stops.forget_plan()
     if trainer.checkpoint is not None and saves_on_stop(trainer.callbacks):
         trainer.should_stop, trainer.stop_reason = False, None
         trainer._save(None)

@@ -41,6 +41,8 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None  # the signal received and not yet acted on
         self._shared = False  # every rank knows of it (always true in a single process)
+        self.planned = False  # a planned stop (TimeLimit, max_steps) not yet acted on
+        self._plan_shared = False  # every rank knows of it
         self._world = get_world_size()
 
     @contextlib.contextmanager
@@ -73,11 +75,31 @@ class StopSignals:
         """
         if self._world == 1:
             return should_stop, nonfinite
-        stop_any, signal_any, nan_any = ddp.any_ranks(
-            [should_stop, self.signum is not None, nonfinite], device)
+        stop_any, signal_any, nan_any, plan_any = ddp.any_ranks(
+            [should_stop, self.signum is not None, nonfinite, self.planned], device)
         if signal_any:
             self.signum, self._shared = self.signum or signal.SIGTERM, True
+        if plan_any:
+            self.planned = self._plan_shared = True
         return stop_any, nan_any
+
+    def plan(self, *, shared: bool) -> None:
+        """Record a planned stop decided on this rank; ``shared``: every rank decided it.
+
+        A stop from this rank's own clock (TimeLimit) waits for the next :meth:`sync`,
+        so that every rank stops at the same optimizer step; ``max_steps`` is reached
+        at the same step everywhere.
+        """
+        self.planned = True
+        self._plan_shared = self._plan_shared or shared
+
+    def plan_ready(self) -> bool:
+        """Whether to make the planned stop at this optimizer step: every rank knows of it."""
+        return self.planned and (self._world == 1 or self._plan_shared)
+
+    def forget_plan(self) -> None:
+        """The planned stop was made (or a new ``fit`` starts): forget it."""
+        self.planned = self._plan_shared = False
 
     def ready(self) -> bool:
         """Whether to stop at this optimizer step: a signal that every rank knows of."""

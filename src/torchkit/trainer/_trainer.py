@@ -348,7 +348,8 @@ class Trainer:
                     on_train_batch_end
                     at a window end: scheduler.step() (interval "step"),
                         on_optimizer_step; if it set should_stop (TimeLimit) or
-                        max_steps is reached: save, return (a planned stop);
+                        max_steps is reached: save, return (a planned stop; under DDP
+                        TimeLimit's at the next cross-rank check, every 64 steps);
                         checkpoint every checkpoint_every steps, and on SIGTERM/SIGINT:
                         save, then raise SystemExit / KeyboardInterrupt
                 accumulator.flush()                  # the epoch's partial window, as above
@@ -399,6 +400,7 @@ class Trainer:
         val_data = val_data if self._sharded else ddp.shard(val_data, train=False, seed=seed)
         self._graph_pending = graph_on_fit(self.logger)
         self._plain_windows = plain_windows(self)
+        self._stops.forget_plan()  # a planned stop belongs to the fit that made it
         self._call("on_fit_start")
         try:
             with self._stops.installed(), compile_errors(self._compiled.option):
@@ -515,13 +517,14 @@ class Trainer:
             return
         if self._step_log.every and self._step_log.due(self.global_step):
             self._step_log.log(self)
+        if stepped and self.scheduler is not None:
+            self._step_scheduler(None)
+        _recipes.plan_stop(self)  # on_optimizer_step (TimeLimit) and max_steps, this rank
         # Under DDP at fixed steps, so ranks agree; alone, when a bulk loss check is due.
         if self.global_step % SYNC_EVERY == 0 if self._world > 1 else ledger.due():
             self._sync_stops()
-        if stepped and self.scheduler is not None:
-            self._step_scheduler(None)
-        if _recipes.stop_planned(self) and not self._stops.ready():
-            _recipes.planned_stop(self)
+        if self._stops.plan_ready() and not self._stops.ready():
+            _recipes.planned_stop(self)  # on every rank at this step
         every = self.checkpoint_every
         if every and self.global_step % every == 0:
             self._save(None)
