@@ -436,3 +436,19 @@ def test_float64_windows_are_normalised_in_float64():
     expected = big_batch_run([batches], lr=0.1)
     got, _, _ = accumulated_run(batches, 2, lr=0.1)
     assert_same_params(got, expected, rtol=1e-14, atol=1e-15)
+
+
+def test_the_model_can_be_set_again_between_windows_only():
+    model = make_model()
+    accum = tk.GradAccumulator(torch.optim.SGD(model.parameters(), lr=0.1), 2, model=model)
+    with pytest.raises(TypeError, match="model must be an nn.Module or None, got str"):
+        accum.model = "model"
+    with accum.accumulate():
+        loss = model(torch.randn(4, 6)).square().mean()
+    accum.backward(loss)
+    with pytest.raises(RuntimeError, match=r"model set inside a window \(1 micro-batches"):
+        accum.model = None
+    assert accum.model is model
+    accum.flush()
+    accum.model = None
+    assert accum.model is None

@@ -144,7 +144,20 @@ def _stops(root: Path, rank: int) -> dict:
     except FloatingPointError as error:
         raised = str(error)
     return {"stopped_after": len(trainer.history), "stop_reason": trainer.stop_reason,
-            "nan_error": raised}
+            "nan_error": raised, "thawed": full_state(thawing_fit(batch=8, world=2).model)}
+
+
+def thawing_fit(*, batch: int, world: int) -> tk.Trainer:
+    """The first layer frozen, thawed at the start of epoch 1 (gradual unfreezing)."""
+    train, _ = data()
+    model = make_model()
+    tk.freeze(model, "0.*")
+    trainer = tk.Trainer(model, torch.optim.SGD(tk.trainable_parameters(model), lr=0.2),
+                         F.cross_entropy, parallelize=shard if world > 1 else None,
+                         progress=False, device="cpu",
+                         callbacks=[tk.UnfreezeSchedule({1: "0.*"})])
+    trainer.fit(DataLoader(train, batch_size=batch), epochs=3)
+    return trainer
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +243,16 @@ def test_early_stopping_and_nan_checks_stop_every_rank_together(world):
 
 class DeviceMesh:  # what check_sharding accepts by type name, without a process group
     pass
+
+
+@pytest.mark.distributed
+def test_parameters_thawed_under_fsdp2_train_on_the_global_batch(world):
+    """FSDP2 reduces whatever has a gradient: an UnfreezeSchedule needs nothing more."""
+    _, results, _ = world
+    single = thawing_fit(batch=16, world=1).module.state_dict()
+    for result in results:
+        torch.testing.assert_close(result["thawed"], single)
+    assert not torch.equal(single["0.weight"], make_model().state_dict()["0.weight"])
 
 
 def test_parallelize_repoints_the_optimizer_keeping_groups_and_options():

@@ -34,6 +34,16 @@ def make_trainer(**kwargs):
                       metrics={"acc": tk.accuracy}, progress=False, device="cpu", **kwargs)
 
 
+def make_thawing_trainer():
+    """The first layer frozen, thawed at the start of epoch 1 (gradual unfreezing)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    tk.freeze(model, "0.*")
+    return tk.Trainer(model, torch.optim.SGD(tk.trainable_parameters(model), lr=0.2),
+                      F.cross_entropy, progress=False, device="cpu",
+                      callbacks=[tk.UnfreezeSchedule({1: "0.*"})])
+
+
 class StopOnRankOne(tk.Callback):
     def on_epoch_end(self, trainer, metrics):
         if dist.get_rank() == 1 and trainer.epoch == 1:
@@ -124,6 +134,10 @@ def _worker(rank, port, out, case):
             result["straight_history"] = straight.fit(loader, val_loader, epochs=3).records
             result["straight"] = {k: v.clone() for k, v in straight.module.state_dict().items()}
         else:
+            if case == "accumulate":  # (sharing this launch) a DDP model thawed mid-fit
+                thawing = make_thawing_trainer()
+                thawing.fit(DataLoader(train, batch_size=8), epochs=3)
+                result["thawed"] = {k: v.clone() for k, v in thawing.module.state_dict().items()}
             trainer = make_trainer(accumulate=accumulate)
             history = trainer.fit(loader, val_loader, epochs=2)
         result.update(params={k: v.clone() for k, v in trainer.module.state_dict().items()},
@@ -143,10 +157,23 @@ def run(tmp_path, case):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """``run``'s results per case, launched once for the tests that share them."""
+    results = {}
+
+    def get(case):
+        if case not in results:
+            results[case] = run(tmp_path_factory.mktemp(case), case)
+        return results[case]
+
+    return get
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["plain", "accumulate"])
-def test_ddp_equals_one_process_with_the_global_batch(tmp_path, case):
-    results = run(tmp_path, case)
+def test_ddp_equals_one_process_with_the_global_batch(launched, case):
+    results = launched(case)
     train, val = datasets()
     single = make_trainer()
     history = single.fit(DataLoader(train, batch_size=16), DataLoader(val, batch_size=10),
@@ -167,6 +194,20 @@ def test_ddp_equals_one_process_with_the_global_batch(tmp_path, case):
 def test_a_stop_on_one_rank_stops_every_rank(tmp_path):
     results = run(tmp_path, "stop")
     assert [len(r["history"]) for r in results] == [2, 2]
+
+
+@pytest.mark.distributed
+def test_parameters_thawed_under_ddp_are_all_reduced_like_the_rest(launched):
+    """UnfreezeSchedule under DDP: the trainer wraps the model again, so the thawed layer
+    trains on the global batch's gradient (it used to train on each rank's own)."""
+    results = launched("accumulate")  # the same launch as that case of the test above
+    train, _ = datasets()
+    single = make_thawing_trainer()
+    single.fit(DataLoader(train, batch_size=16), epochs=3)
+    torch.testing.assert_close(results[0]["thawed"], results[1]["thawed"], rtol=0, atol=0)
+    torch.testing.assert_close(results[0]["thawed"], single.module.state_dict())
+    frozen = make_thawing_trainer().module.state_dict()
+    assert not torch.equal(results[0]["thawed"]["0.weight"], frozen["0.weight"])  # it trained
 
 
 @pytest.mark.distributed
@@ -213,3 +254,23 @@ def test_a_time_limit_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert [path.name for path in saved] == ["checkpoint-000000064.pt"]  # the planned save
     assert torch.load(saved[0], weights_only=False)["state"]["trainer"]["batch_idx"] == 64
     torch.testing.assert_close(results[0]["params"], results[1]["params"], rtol=0, atol=0)
+
+
+def test_a_thaw_under_your_own_ddp_wrapper_is_refused(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+        tk.freeze(model, "0.*")
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        trainer = tk.Trainer(wrapped, torch.optim.SGD(tk.trainable_parameters(model), lr=0.2),
+                             F.cross_entropy, progress=False, device="cpu",
+                             callbacks=[tk.UnfreezeSchedule({1: "0.*"})])
+        train, _ = datasets()
+        with pytest.raises(RuntimeError, match="epoch 1 changed which parameters require grad "
+                           "under the DistributedDataParallel model you passed"):
+            trainer.fit(DataLoader(train, batch_size=16), epochs=2)
+        assert trainer.global_step == 4  # epoch 0 trained; nothing of epoch 1
+    finally:
+        dist.destroy_process_group()

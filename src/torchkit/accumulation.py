@@ -99,7 +99,7 @@ class GradAccumulator:
             all-reduce (``no_sync``), or an FSDP2 (``fully_shard``) model, so they skip
             the reduce-scatter (``set_requires_gradient_sync``; :meth:`flush` reduces
             a partial window's gradients itself). Any other module is accepted and
-            ignored.
+            ignored. The attribute may be set again between windows (a re-wrapped model).
         scaler: A :class:`torch.amp.GradScaler` for float16 mixed precision.
         max_norm: Clip the total gradient norm to this value before stepping.
         norm_type: The order of the norm used with ``max_norm``.
@@ -172,8 +172,6 @@ class GradAccumulator:
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
         if scaler is not None and not isinstance(scaler, GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -190,17 +188,15 @@ class GradAccumulator:
             raise ValueError("; ".join(errors))
         self.optimizer = optimizer
         self.steps = steps
-        self.model = model
+        self.micro_step = 0
+        self.model = model  # (checked by the property's setter)
         self.scaler = scaler
         self.max_norm = max_norm
         self.clip_value = clip_value
         self.norm_type = float(norm_type)
         self.skip_nonfinite = skip_nonfinite
         self.global_weights = global_weights
-        self._ddp = model if isinstance(model, DistributedDataParallel) else None
-        self._fsdp = _fsdp.fsdp_modules(model)  # FSDP2: set_requires_gradient_sync
         self.num_steps = 0
-        self.micro_step = 0
         self.last_grad_norm: torch.Tensor | None = None
         self._skipped = 0
         self._weight_sum = 0.0
@@ -212,6 +208,30 @@ class GradAccumulator:
         self._flag = NonFiniteFlag()  # the reused nan/inf flag and its cheap host read
         self._skips_on_device: torch.Tensor | None = None  # fused path: read when asked
         self.skip_on_device = skip_on_device  # Trainer(nonfinite="skip") books each skip
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model given: its DDP or FSDP2 wrapper decides how windows skip the all-reduce.
+
+        Settable between windows, for a model wrapped again (as ``Trainer`` does when an
+        epoch start changes which parameters train under DDP).
+
+        Raises:
+            TypeError: If set to something other than an ``nn.Module`` or ``None``.
+            RuntimeError: If set inside a window (micro-batches since the last step).
+        """
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module | None) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        if self.micro_step:
+            raise RuntimeError(f"model set inside a window ({self.micro_step} micro-batches "
+                               "since the last optimizer step); set it after a step or flush()")
+        self._model = model
+        self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self._fsdp = _fsdp.fsdp_modules(model)  # FSDP2: set_requires_gradient_sync
 
     @property
     def skipped_steps(self) -> int:

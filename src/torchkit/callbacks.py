@@ -349,7 +349,10 @@ class UnfreezeSchedule(Callback):
     epoch start; by hand call :meth:`step` yourself. The epochs applied are its state: on
     resume, :meth:`restore` re-applies them (``Trainer`` does this before it loads the
     optimizer's state, so the parameter groups line up). A scheduler created before
-    the new groups exist does not schedule them.
+    the new groups exist does not schedule them. Under DDP, which all-reduces only the
+    parameters that required grad when it wrapped the model, ``Trainer`` wraps the model
+    again after an epoch start that thawed some; by hand, wrap it again yourself after a
+    :meth:`step` that returned names.
 
     Args:
         schedule: Epoch -> glob pattern or patterns.

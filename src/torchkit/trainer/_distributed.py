@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from torchkit.distributed import get_rank, get_world_size
+from torchkit.trainer._compile import CompiledModels
 
-__all__ = ["ShardSampler", "all_reduce_sum", "any_ranks", "gather", "set_epoch", "shard",
-           "wrap_ddp"]
+__all__ = ["ShardSampler", "all_reduce_sum", "any_ranks", "gather", "rewrap_if_thawed",
+           "set_epoch", "shard", "trainable_ids", "wrap_ddp"]
 
 _log = logging.getLogger("torchkit.trainer")
 
@@ -26,6 +27,47 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def trainable_ids(model: nn.Module) -> frozenset[int]:
+    """The parameters of ``model`` that require grad (by id): what a DDP wrapper reduces."""
+    return frozenset(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def rewrap_if_thawed(trainer: Any) -> None:
+    """Under DDP: wrap the model again if an epoch start changed which parameters train.
+
+    DDP all-reduces only the parameters that required grad when it was built (its reducer
+    is made then): one thawed later (``UnfreezeSchedule``) would train on each rank's own
+    gradient, and the ranks would drift apart without an error. So a new wrapper replaces
+    the old one (every rank does this at the same epoch start; DDP's constructor is a
+    collective) and the accumulator and the compiled model are pointed at it.
+
+    Raises:
+        RuntimeError: If the DDP wrapper was the caller's own: its options (bucket sizes,
+            ``find_unused_parameters``, ...) are theirs, so the trainer does not rebuild it.
+    """
+    old = trainer.accumulator.model
+    if not isinstance(old, nn.parallel.DistributedDataParallel) \
+            or trainer._ddp_trainable == trainable_ids(old.module):
+        return
+    if not trainer._ddp_own:
+        raise RuntimeError(
+            f"epoch {trainer.epoch} changed which parameters require grad under the "
+            "DistributedDataParallel model you passed, which reduces only those that "
+            "required grad when it was built: the ranks would train the others apart. "
+            "Pass the plain model (the Trainer wraps it, and wraps it again after such a "
+            "change) or set requires_grad before wrapping it")
+    remove_hooks: Any = getattr(old, "_remove_autograd_hooks", None)
+    if remove_hooks is not None:  # the old reducer must not reduce as well
+        remove_hooks()
+    new = wrap_ddp(old.module, trainer.device)
+    _log.info("epoch %d changed which parameters train: wrapped the model in DDP again",
+              trainer.epoch)
+    trainer._ddp_trainable = trainable_ids(old.module)
+    trainer.accumulator.model = new
+    trainer._compiled = CompiledModels(new, trainer._compiled.option)
+    trainer.model = trainer._compiled.train
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

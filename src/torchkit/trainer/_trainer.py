@@ -241,8 +241,10 @@ class Trainer:
                                   self.device)
         self._sharded = has_dtensor_params(model)  # DTensor parameters: never DDP
         self._world = get_world_size()
+        self._ddp_own = not isinstance(model, nn.parallel.DistributedDataParallel)
         if not self._sharded:
             model = ddp.wrap_ddp(model, self.device)
+        self._ddp_trainable = ddp.trainable_ids(unwrap(model))  # what a DDP wrap reduces
         self.model, self.optimizer, self.loss_fn, self.scheduler = model, optimizer, loss_fn, \
             scheduler
         self.seed, self.precision = seed, precision
@@ -428,6 +430,7 @@ class Trainer:
             self._ledger.open_epoch()
         lr = self.optimizer.param_groups[0]["lr"]
         self._call("on_epoch_start")
+        ddp.rewrap_if_thawed(self)  # UnfreezeSchedule: DDP reduces what trained when built
         self.model.train()
         total = len(train_data) if isinstance(train_data, Sized) else None
         if not start:
