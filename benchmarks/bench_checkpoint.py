@@ -7,7 +7,9 @@ compared. "raw" writes the tensors' bytes with one ``write`` each (the physical 
 is torchkit 0.1.0's procedure (torch.save to a temporary path, fsync, rename, directory
 fsync; load = torch.load + format checks), the reference for the digest's cost.
 
-A third table times how long ``CheckpointManager.save`` blocks the training loop for a
+A third table times a DCP checkpoint (``format="dcp"``) in one process: its save, the
+hashing of its files that the save includes, and its load with and without verifying
+those digests. A fourth times how long ``CheckpointManager.save`` blocks the training loop for a
 ~100 MB model + Adam state, synchronous vs ``async_save=True`` (the background write
 is waited for outside the timing).
 
@@ -101,6 +103,32 @@ def blocking(directory: Path, repeats: int, megabytes: int) -> None:
     print()
 
 
+def dcp(directory: Path, repeats: int, model: torch.nn.Module, megabytes: float) -> None:
+    """One process: a DCP save and load, and what the files' digests add to each."""
+    from torchkit.checkpoint import _dcp, _shards
+
+    manager = tk.CheckpointManager(directory / "dcp", format="dcp", keep_last=1)
+    steps = iter(range(1, 10**6))
+
+    def latest() -> Path:
+        path = manager.latest()
+        assert path is not None
+        return Path(path)
+
+    manager.save({"model": model}, step=0)
+    methods: dict[str, Callable[[], object]] = {
+        "CheckpointManager(format='dcp').save (durable)":
+            lambda: manager.save({"model": model}, step=next(steps)),
+        "hashing its files (part of the save)":
+            lambda: _shards.rank_digests(latest(), 0, skip=_dcp.META),
+        "load('latest') (verify)": lambda: manager.load("latest", {"model": model}),
+        "load('latest', verify=False)":
+            lambda: manager.load("latest", {"model": model}, verify=False),
+    }
+    table("DCP checkpoint, one process", rotate(methods, repeats),
+          "CheckpointManager(format='dcp').save (durable)", megabytes)
+
+
 def rotate(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in methods}
     order = list(methods)
@@ -172,6 +200,7 @@ def main() -> None:
         }
         table("load into a model", rotate(loads, args.repeats),
               "torch.load + load_state_dict", megabytes)
+        dcp(d, args.repeats, model, megabytes)
         blocking(d, args.repeats, args.mb)
 
 

@@ -110,6 +110,19 @@ def _world(root: str) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     tk.CheckpointManager(root_path / "one").load("latest", {"model": model, "optimizer": opt})
     out["from_one"] = full_state(model)
+    # A flipped bit in rank 1's shard: every rank refuses the load, none waits in DCP.
+    flips = tk.CheckpointManager(root_path / "flip", format="dcp")
+    saved = flips.save({"model": model}, step=1)
+    if rank == 0:
+        raw = bytearray((saved / "__1_0.distcp").read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        (saved / "__1_0.distcp").write_bytes(bytes(raw))
+    dist.barrier()
+    try:
+        flips.load(saved, {"model": model})
+        out["flip_error"] = ""
+    except tk.CheckpointError as error:
+        out["flip_error"] = str(error)
     out["rank"] = rank
     out.update(_stops(root_path, rank))
     return out
@@ -255,6 +268,13 @@ def test_parameters_thawed_under_fsdp2_train_on_the_global_batch(world):
     assert not torch.equal(single["0.weight"], make_model().state_dict()["0.weight"])
 
 
+@pytest.mark.distributed
+def test_a_corrupt_shard_is_refused_on_every_rank(world):
+    _, results, _ = world
+    for result in results:
+        assert "corrupt: digest mismatch in __1_0.distcp" in result["flip_error"]
+
+
 def test_parallelize_repoints_the_optimizer_keeping_groups_and_options():
     model = make_model()
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
@@ -343,9 +363,34 @@ def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
     import pickle
 
     (path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(tk.CheckpointError, match="corrupt: digest mismatch in .metadata"):
+        manager.load(path, {"model": nn.Linear(3, 2)})  # its digest catches it first
     with pytest.raises(tk.CheckpointError, match="unsafe or corrupt .metadata"):
-        manager.load(path, {"model": nn.Linear(3, 2)})
+        manager.load(path, {"model": nn.Linear(3, 2)}, verify=False)  # then the unpickler
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("victim", ["__0_0.distcp", ".metadata"])
+def test_a_flipped_bit_in_a_dcp_file_is_found_and_latest_falls_back(tmp_path, victim):
+    manager = tk.CheckpointManager(tmp_path, format="dcp")
+    torch.manual_seed(0)
+    first = nn.Linear(3, 2)
+    manager.save({"model": first}, step=1)
+    newest = manager.save({"model": nn.Linear(3, 2)}, step=2)
+    raw = bytearray((newest / victim).read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    (newest / victim).write_bytes(bytes(raw))
+    model = nn.Linear(3, 2)
+    with pytest.raises(tk.CheckpointError, match=f"corrupt: digest mismatch in {victim}"):
+        manager.load(newest, {"model": model})
+    with pytest.warns(RuntimeWarning, match="skipping unreadable latest checkpoint"):
+        assert manager.load("latest", {"model": model})["step"] == 1
+    torch.testing.assert_close(model.state_dict(), first.state_dict(), rtol=0, atol=0)
+    (newest / victim).unlink()
+    with pytest.raises(tk.CheckpointError, match=f"digest mismatch in {victim}"):
+        manager.load(newest, {"model": model})  # a missing file too
+    with pytest.raises(tk.CheckpointError, match="digest mismatch"):
+        tk.consolidate_checkpoint(newest, tmp_path / "whole.pt")
 
 
 def test_a_dcp_save_leaves_torchs_typed_storage_warning_to_the_user(tmp_path):

@@ -10,6 +10,9 @@ with ``weights_only=True``; DCP's ``.metadata`` (which torch reads with a plain
 ``pickle.load``) is read here with an unpickler that admits only DCP's own metadata
 classes; DCP's byte items (which torch reads with ``weights_only=False``) are never
 written, and refused on load; the data file names it lists must lie inside the directory.
+``torchkit.pt`` also records an XXH3-128 digest of every DCP file (each rank hashes the
+shards it wrote), and every load verifies them first, the ranks sharing the files between
+them, so a flipped bit in a shard is found before anything is loaded.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from torchkit._utils import TMP_MARK, unwrap
 from torchkit.checkpoint._errors import CheckpointError
 from torchkit.checkpoint._files import build_payload, write_payload
 from torchkit.checkpoint._integrity import read_checkpoint
+from torchkit.checkpoint._shards import file_digest, rank_digests, verify_dcp_files
 from torchkit.state import get_rng_state
 
-__all__ = ["META", "consolidate_checkpoint", "is_dcp_dir", "load_dcp", "read_dcp_payload",
-           "save_dcp", "state_is_sharded"]
+__all__ = ["DIGESTS", "META", "consolidate_checkpoint", "is_dcp_dir", "load_dcp",
+           "read_dcp_payload", "save_dcp", "state_is_sharded", "verify_dcp_files"]
 
 META = "torchkit.pt"  # the torchkit part of a DCP checkpoint directory
+DIGESTS = "dcp_digests"  # in its payload: {DCP file name: XXH3-128 hex digest}
 _REF = "__torchkit_dcp__"  # marks a tensor leaf stored in the DCP files
 # What DCP's .metadata may name: its own dataclasses and a few plain torch / stdlib types.
 _SAFE_GLOBALS = {
@@ -265,16 +270,21 @@ def save_dcp(path: Path, state: Mapping[str, Any], *, step: int, epoch: int | No
     with _quiet():
         save(tensors, storage_writer=FileSystemWriter(os.fspath(tmp), sync_files=durable),
                  no_dist=world == 1)
-    rngs: list[Any] = [get_rng_state()]
+    mine = (get_rng_state(), rank_digests(tmp, rank, skip=META))  # hashed by its writer
+    shares: list[Any] = [mine]
     if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, rngs[0])
-        rngs = gathered
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+    rngs = [rng for rng, _ in shares]
     if rank == 0:
+        digests = {name: hexdigest for _, share in shares for name, hexdigest in share.items()}
+        for name in sorted({p.name for p in tmp.iterdir()} - set(digests) - {META}):
+            digests[name] = file_digest(tmp / name)  # named otherwise by this torch's DCP
         rest = {name: _Saved(skeleton[name]) if name in skeleton else obj
                 for name, obj in state.items()}
         payload = build_payload(rest, step=step, epoch=epoch, metrics=metrics, seq=seq)
         payload["rng"], payload["rank_rngs"], payload["dcp"] = rngs[0], rngs, list(skeleton)
+        payload[DIGESTS] = digests
         write_payload(payload, tmp / META, durable=durable)
     if world > 1:
         dist.barrier()  # every rank's shards are complete
@@ -360,8 +370,9 @@ def consolidate_checkpoint(dcp_dir: str | os.PathLike[str], out_path: str | os.P
                            durable: bool = True) -> Path:
     """Gather a sharded (DCP) checkpoint into one ordinary torchkit checkpoint file.
 
-    Runs in one plain process (no process group, no model needed): every tensor is read
-    whole from the shards, the file is written atomically with a digest, and
+    Runs in one plain process (no process group, no model needed): the DCP files are
+    checked against their digests, every tensor is read whole from the shards, the file
+    is written atomically with a digest, and
     :func:`load_checkpoint` then reads it into a plain (unsharded) model, e.g. for
     deployment or :func:`extract_weights`. The model's keys are its parameter names;
     an optimizer's state is in ``torch.distributed.checkpoint.state_dict``'s form
@@ -376,7 +387,8 @@ def consolidate_checkpoint(dcp_dir: str | os.PathLike[str], out_path: str | os.P
         ``out_path``.
 
     Raises:
-        CheckpointError: If ``dcp_dir`` is not a readable torchkit DCP checkpoint.
+        CheckpointError: If ``dcp_dir`` is not a readable torchkit DCP checkpoint, or
+            one of its files changed since it was written ("digest mismatch").
 
     Example:
         >>> import tempfile, pathlib
@@ -391,6 +403,7 @@ def consolidate_checkpoint(dcp_dir: str | os.PathLike[str], out_path: str | os.P
 
     path = Path(dcp_dir)
     payload = read_dcp_payload(path)
+    verify_dcp_files(path, payload.get(DIGESTS))
     meta = read_metadata(path)
     tensors: dict[str, torch.Tensor] = {}
     for key, info in meta.state_dict_metadata.items():

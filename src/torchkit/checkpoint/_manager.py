@@ -323,9 +323,10 @@ class CheckpointManager:
         """Load the ``"latest"`` or ``"best"`` checkpoint (or a path) into ``state``.
 
         For ``"latest"`` and ``"best"``, a file that cannot be read (truncated by a full
-        disk, corrupted: its digest does not match) is skipped with a warning naming
-        it, and the next candidate (the one written before it, or the next best) is
-        loaded instead. Arguments after ``state`` are as for :func:`load_checkpoint`.
+        disk, corrupted: its digest, or for a DCP directory one of its files' digests,
+        does not match) is skipped with a warning naming it, and the next candidate
+        (the one written before it, or the next best) is loaded instead. Arguments
+        after ``state`` are as for :func:`load_checkpoint`.
 
         Returns:
             The checkpoint's metadata, as :func:`load_checkpoint` returns it.
@@ -361,7 +362,10 @@ class CheckpointManager:
 
     def _read(self, path: Path, *, map_location: Any, verify: bool) -> Any:
         if path.is_dir():
-            return _dcp.read_dcp_payload(path, verify=verify)
+            payload = _dcp.read_dcp_payload(path, verify=verify)
+            if verify:
+                _dcp.verify_dcp_files(path, payload.get(_dcp.DIGESTS))  # every rank
+            return payload
         return read_checkpoint(path, map_location=map_location, verify=verify)
 
     def _apply(self, path: Path, payload: Any, state: Mapping[str, Any] | None, *,
