@@ -403,3 +403,18 @@ def test_a_dcp_save_leaves_torchs_typed_storage_warning_to_the_user(tmp_path):
     manager.load(path, {"model": nn.Linear(3, 2)})
     with pytest.warns(UserWarning, match="TypedStorage is deprecated"):
         torch.zeros(2).storage()
+
+
+def test_dcp_digests_naming_files_outside_the_directory_are_refused(tmp_path):
+    from torchkit.checkpoint import _dcp, _files
+
+    manager = tk.CheckpointManager(tmp_path / "ckpt", format="dcp")
+    path = manager.save({"model": nn.Linear(3, 2)}, step=1)
+    (tmp_path / "secret").write_bytes(b"not yours")
+    payload = _dcp.read_dcp_payload(path)
+    for hostile in ({"../secret": "0" * 32}, {str(tmp_path / "secret"): "0" * 32},
+                    ["__0_0.distcp"]):
+        payload[_dcp.DIGESTS] = hostile  # a well-formed torchkit.pt that names them
+        _files.write_payload(payload, path / _dcp.META, durable=False)
+        with pytest.raises(tk.CheckpointError, match="not plain file names"):
+            manager.load(path, {"model": nn.Linear(3, 2)})

@@ -37,7 +37,7 @@ def rank_digests(folder: Path, rank: int, *, skip: str) -> dict[str, str]:
         p.name.startswith(f"__{rank}_") or (rank == 0 and not p.name.startswith("__")))}
 
 
-def verify_dcp_files(path: Path, digests: dict[str, str] | None) -> None:
+def verify_dcp_files(path: Path, digests: Any) -> None:
     """Check every file of the DCP directory ``path`` against its recorded digest.
 
     Under a process group this is a collective: each rank hashes its share of the files,
@@ -45,10 +45,16 @@ def verify_dcp_files(path: Path, digests: dict[str, str] | None) -> None:
     in 0.2 development versions) checks nothing.
 
     Raises:
-        CheckpointError: If a file is missing or its bytes changed (on every rank).
+        CheckpointError: If a file is missing or its bytes changed (on every rank), or a
+            recorded name is not a plain file name (nothing outside ``path`` is read).
     """
     if digests is None:
         return
+    if not isinstance(digests, dict) or not all(
+            isinstance(name, str) and isinstance(value, str) and Path(name).name == name
+            and name not in ("", ".", "..") for name, value in digests.items()):
+        raise CheckpointError(path, "its DCP file digests are not plain file names inside "
+                              "the directory with their digests; refusing them")
     rank, world = get_rank(), get_world_size()
     names = sorted(digests)
     bad = [name for name in names[rank::world] if not (path / name).is_file()
