@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,8 +157,12 @@ def _stops(root: Path, rank: int) -> dict:
         raised = ""
     except FloatingPointError as error:
         raised = str(error)
+    try:
+        thawed: Any = full_state(thawing_fit(batch=8, world=2).model)
+    except RuntimeError as error:  # torch < 2.13 (see the test)
+        thawed = str(error)
     return {"stopped_after": len(trainer.history), "stop_reason": trainer.stop_reason,
-            "nan_error": raised, "thawed": full_state(thawing_fit(batch=8, world=2).model)}
+            "nan_error": raised, "thawed": thawed}
 
 
 def thawing_fit(*, batch: int, world: int) -> tk.Trainer:
@@ -260,8 +265,14 @@ class DeviceMesh:  # what check_sharding accepts by type name, without a process
 
 @pytest.mark.distributed
 def test_parameters_thawed_under_fsdp2_train_on_the_global_batch(world):
-    """FSDP2 reduces whatever has a gradient: an UnfreezeSchedule needs nothing more."""
+    """FSDP2 reduces whatever has a gradient, so an UnfreezeSchedule needs nothing more
+    from torch 2.13 on; before it (2.8.0 trained them wrong) the trainer refuses the thaw."""
     _, results, _ = world
+    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
+        for result in results:
+            assert "changed which parameters require grad in a model sharded with FSDP2" \
+                in result["thawed"]
+        return
     single = thawing_fit(batch=16, world=1).module.state_dict()
     for result in results:
         torch.testing.assert_close(result["thawed"], single)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from torchkit._utils import unwrap
 from torchkit.distributed import get_rank, get_world_size
 from torchkit.trainer._compile import CompiledModels
 
@@ -34,22 +35,37 @@ def trainable_ids(model: nn.Module) -> frozenset[int]:
     return frozenset(id(p) for p in model.parameters() if p.requires_grad)
 
 
+# FSDP2 trains parameters thawed after fully_shard correctly from this torch on (measured:
+# wrong on 2.8.0, right on 2.13.0 and 2.14.1; the releases between were not measured).
+_FSDP2_THAWS = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) \
+    >= (2, 13)
+
+
 def rewrap_if_thawed(trainer: Any) -> None:
-    """Under DDP: wrap the model again if an epoch start changed which parameters train.
+    """After an epoch start that changed which parameters train: keep the ranks exact.
 
     DDP all-reduces only the parameters that required grad when it was built (its reducer
     is made then): one thawed later (``UnfreezeSchedule``) would train on each rank's own
     gradient, and the ranks would drift apart without an error. So a new wrapper replaces
     the old one (every rank does this at the same epoch start; DDP's constructor is a
-    collective) and the accumulator and the compiled model are pointed at it.
+    collective) and the accumulator and the compiled model are pointed at it. FSDP2
+    reduces whatever has a gradient, on the torch releases where that was measured.
 
     Raises:
         RuntimeError: If the DDP wrapper was the caller's own: its options (bucket sizes,
-            ``find_unused_parameters``, ...) are theirs, so the trainer does not rebuild it.
+            ``find_unused_parameters``, ...) are theirs, so the trainer does not rebuild
+            it; or if the model is sharded and this torch's FSDP2 is older than 2.13.
     """
     old = trainer.accumulator.model
+    if trainer._sharded and not _FSDP2_THAWS \
+            and trainer._trainable != trainable_ids(unwrap(trainer.model)):
+        raise RuntimeError(
+            f"epoch {trainer.epoch} changed which parameters require grad in a model "
+            f"sharded with FSDP2, which torch {torch.__version__} does not train right "
+            "(measured wrong on 2.8.0, right from 2.13.0): set requires_grad before "
+            "fully_shard, or use torch >= 2.13")
     if not isinstance(old, nn.parallel.DistributedDataParallel) \
-            or trainer._ddp_trainable == trainable_ids(old.module):
+            or trainer._trainable == trainable_ids(old.module):
         return
     if not trainer._ddp_own:
         raise RuntimeError(
@@ -64,7 +80,7 @@ def rewrap_if_thawed(trainer: Any) -> None:
     new = wrap_ddp(old.module, trainer.device)
     _log.info("epoch %d changed which parameters train: wrapped the model in DDP again",
               trainer.epoch)
-    trainer._ddp_trainable = trainable_ids(old.module)
+    trainer._trainable = trainable_ids(old.module)
     trainer.accumulator.model = new
     trainer._compiled = CompiledModels(new, trainer._compiled.option)
     trainer.model = trainer._compiled.train

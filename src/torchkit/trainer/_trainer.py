@@ -244,7 +244,7 @@ class Trainer:
         self._ddp_own = not isinstance(model, nn.parallel.DistributedDataParallel)
         if not self._sharded:
             model = ddp.wrap_ddp(model, self.device)
-        self._ddp_trainable = ddp.trainable_ids(unwrap(model))  # what a DDP wrap reduces
+        self._trainable = ddp.trainable_ids(unwrap(model))  # what a DDP wrap reduces
         self.model, self.optimizer, self.loss_fn, self.scheduler = model, optimizer, loss_fn, \
             scheduler
         self.seed, self.precision = seed, precision
